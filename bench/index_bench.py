@@ -1,0 +1,89 @@
+"""Index benchmark: first index (all cores) vs re-index of the unchanged tree vs a serial
+`soundfile.info` loop, on a generated tree of short files. Prints ratios from one run.
+
+    python bench/index_bench.py [--files 2000] [--seconds 0.5] [--jobs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from pipeline.audio import is_audio_path
+from pipeline.index import build_index
+
+FORMATS = [("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"), ("wav", "WAV", "PCM_24")]
+
+
+STEMS = ["mixture", "drums", "bass", "other", "vocals"]
+
+
+def make_tree(root: Path, files: int, seconds: float, rate: int = 44100) -> None:
+    """MUSDB-like: album/track/<stem>.<ext>, lengths varying around `seconds` like real files."""
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        ext, fmt, subtype = FORMATS[i % len(FORMATS)]
+        folder = root / f"album{i // 100:03d}" / f"track{i // len(STEMS):05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        frames = int(seconds * rate * rng.uniform(0.5, 1.5))
+        data = rng.uniform(-0.3, 0.3, (frames, 2))
+        sf.write(folder / f"{STEMS[i % len(STEMS)]}.{ext}", data, rate, format=fmt, subtype=subtype)
+
+
+def serial_info_loop(root: Path) -> int:
+    frames = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if is_audio_path(name):
+                frames += sf.info(os.path.join(dirpath, name)).frames
+    return frames
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = Path(tmp) / "tree", Path(tmp) / "index.json"
+        make_tree(root, args.files, args.seconds)
+        serial_info_loop(root)  # warm the page cache for every contender alike
+        t_serial, serial_frames = timed(lambda: serial_info_loop(root))
+        t_first, first = timed(lambda: build_index(root, out, args.jobs, progress=False))
+        t_again, again = timed(lambda: build_index(root, out, args.jobs, progress=False))
+    assert first.opened == args.files and again.opened == 0
+    assert sum(e.frames for e in first.index.files.values()) == serial_frames
+    n = args.files
+    print(
+        f"index benchmark: {n} files x {args.seconds:g} s, jobs={args.jobs}, cores={os.cpu_count()}"
+    )
+    print(f"{'contender':<34}{'seconds':>9}{'files/s':>11}{'vs first index':>16}")
+    rows = [
+        ("serial soundfile.info loop", t_serial),
+        (f"first index (--jobs {args.jobs})", t_first),
+        ("re-index, unchanged tree", t_again),
+    ]
+    for name, t in rows:
+        print(f"{name:<34}{t:>9.3f}{n / t:>11.0f}{t_first / t:>15.2f}x")
+    print(f"re-index is {t_first / t_again:.1f}x faster than the first index (goal >= 50x)")
+    print(
+        f"first index is {t_serial / t_first:.2f}x the speed of the serial info loop "
+        "(goal > 1x; the index also decodes each file's last frame and hashes its bytes)"
+    )
+
+
+if __name__ == "__main__":
+    main()

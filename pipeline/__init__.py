@@ -1,0 +1,1 @@
+"""Offline stage: audio trees -> index.json -> uint16 tar shards. Imports no torch."""

@@ -1,0 +1,243 @@
+"""The records both stages share, and the one place that reads and writes them as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.fsutil import atomic_write_text
+
+INDEX_FORMAT = "audio-index/1"
+
+
+def dumps(obj: Any) -> str:
+    """Canonical JSON: sorted keys, so equal records are equal bytes."""
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no {what} here; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a valid {what} ({exc}); re-create it") from None
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a record, ignoring keys it does not know (written by a newer version)."""
+    try:
+        return cls(**data)
+    except TypeError:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class IndexEntry:
+    """One readable audio file. `frames` is what really decodes, not what the header claims."""
+
+    frames: int
+    sample_rate: int
+    channels: int
+    subtype: str
+    format: str
+    bytes: int
+    mtime_ns: int
+    # Content fingerprint, computed only for files whose size another file shares: only those
+    # can be exact duplicates, and hashing every file would read the whole corpus once more.
+    sha256: str | None = None
+    header_frames: int | None = None  # only when the header claims more than decodes
+    aliases: list[str] = field(default_factory=list)  # other paths (symlinks) to the same file
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without the optional fields that are empty (asdict is 10x slower on big indexes)."""
+        data = dict(vars(self))
+        for optional in ("sha256", "header_frames", "aliases"):
+            if not data[optional]:
+                del data[optional]
+        return data
+
+
+@dataclass
+class Rejection:
+    """A file that is not usable, with the reason, and its stat so an unchanged one is skipped."""
+
+    reason: str
+    bytes: int = 0
+    mtime_ns: int = 0
+
+
+@dataclass
+class AudioIndex:
+    """The lengths JSON: every accepted file by path relative to `root`, and every rejected one."""
+
+    root: str
+    files: dict[str, IndexEntry] = field(default_factory=dict)
+    rejected: dict[str, Rejection] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": INDEX_FORMAT,
+            "root": self.root,
+            "files": {k: self.files[k].to_dict() for k in sorted(self.files)},
+            "rejected": {k: vars(self.rejected[k]).copy() for k in sorted(self.rejected)},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: Path | str = "index") -> AudioIndex:
+        if data.get("format") != INDEX_FORMAT:
+            raise PipelineError(
+                f"{origin}: not an {INDEX_FORMAT} file (format={data.get('format')!r}); "
+                "re-create it with `python -m pipeline index ROOT`"
+            )
+        return cls(
+            root=data["root"],
+            files={k: _from_dict(IndexEntry, v) for k, v in data["files"].items()},
+            rejected={k: _from_dict(Rejection, v) for k, v in data.get("rejected", {}).items()},
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> AudioIndex:
+        return cls.from_dict(load_json(path, "index"), path)
+
+    def save(self, path: Path) -> None:
+        """One line per file, sorted: the index diffs cleanly and writes at C speed."""
+        data = self.to_dict()
+        lines = ["{"]
+        for key in ("files", "rejected"):
+            rows = [
+                f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in data[key].items()
+            ]
+            lines += [f"{json.dumps(key)}: {{", ",\n".join(rows), "},"]
+        lines.append(
+            f'"format": {json.dumps(INDEX_FORMAT)},\n"root": {json.dumps(self.root)}\n}}\n'
+        )
+        atomic_write_text(path, "\n".join(lines))
+
+    def lengths(self) -> dict[str, int]:
+        """The original trainer's `{absolute path: frames}` map."""
+        root = Path(self.root)
+        return {str(root / rel): self.files[rel].frames for rel in sorted(self.files)}
+
+
+MANIFEST_FORMAT = "audio-shards/1"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class ChunkMeta:
+    """The `KEY.json` member beside each `KEY.npy` chunk."""
+
+    source: str  # path relative to the index root
+    start: int  # first frame of the chunk in the source, at the shard set's sample rate
+    sample_rate: int
+    channels: int  # the source's original channel count
+    split: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(vars(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ChunkMeta:
+        return cls(**json.loads(raw))
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the manifest's folder
+    samples: int
+    bytes: int
+    sha256: str
+    silent_chunks: int = 0  # planned chunks left out as digital silence
+    failed_chunks: int = 0  # planned chunks left out because the source failed to decode
+    errors: dict[str, str] = field(default_factory=dict)  # source path -> decode error
+
+
+@dataclass
+class ShardConfig:
+    """Everything that determines the bytes of a shard set; a folder holds one config only."""
+
+    index_sha256: str
+    chunk_frames: int
+    sample_rate: int
+    channels: str
+    seed: int
+    val: float
+    test: float
+    group_by: str
+    silence_db: float
+    include: list[str]
+    shard_bytes: int
+    window: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class Manifest:
+    """What `shard` wrote: config, shards per split, and the totals of what was left out."""
+
+    config: ShardConfig
+    root: str  # the audio root the chunks' `source` paths are relative to
+    shards: dict[str, list[ShardInfo]]  # split -> shards
+    files: dict[str, int]  # split -> source files sharded
+    tracks: dict[str, int]  # split -> groups (track folders)
+    dropped_tail_frames: int
+    rejected: dict[str, str]  # path -> reason (from the index, the channel policy, decoding)
+    duplicates: dict[str, str]  # path -> the identical file that was sharded instead
+    resampled: list[str]
+    partition: tuple[int, int] | None = None  # (i, n) for one part of a job array
+
+    def samples(self, split: str) -> int:
+        return sum(s.samples for s in self.shards.get(split, []))
+
+    def seconds(self, split: str) -> float:
+        return self.samples(split) * self.config.chunk_frames / self.config.sample_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in vars(self).items() if k not in ("config", "shards")}
+        data["format"] = MANIFEST_FORMAT
+        data["config"] = self.config.to_dict()
+        data["shards"] = {k: [vars(s) for s in v] for k, v in self.shards.items()}
+        data["totals"] = {
+            split: {"samples": self.samples(split), "seconds": self.seconds(split)}
+            for split in self.shards
+        }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: Path | str = "manifest") -> Manifest:
+        if data.get("format") != MANIFEST_FORMAT:
+            raise PipelineError(
+                f"{origin}: not an {MANIFEST_FORMAT} manifest; re-create it with "
+                "`python -m pipeline shard INDEX`"
+            )
+        fields_ = {k: v for k, v in data.items() if k not in ("format", "totals")}
+        fields_["config"] = ShardConfig(**data["config"])
+        fields_["shards"] = {k: [ShardInfo(**s) for s in v] for k, v in data["shards"].items()}
+        if fields_.get("partition") is not None:
+            fields_["partition"] = tuple(fields_["partition"])
+        return cls(**fields_)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        return cls.from_dict(load_json(path, "shard manifest"), path)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, dumps(self.to_dict()))

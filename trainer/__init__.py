@@ -1,0 +1,1 @@
+"""Online stage: streaming loader and the Lightning T5 trainer."""
