@@ -7,14 +7,36 @@ python := env_var_or_default("PYTHON", "python")
 default:
     @just --list
 
-# synthetic corpus -> index (later: shard, train, evaluate), all under shards/demo
+# synthetic corpus -> index -> shard -> verify, all under shards/
 demo:
     {{python}} -m pipeline synth shards/demo-audio --tracks 8 --seconds 12 --seed 0
     {{python}} -m pipeline index shards/demo-audio --out shards/demo/index.json
+    {{python}} -m pipeline shard shards/demo/index.json --chunk-frames 16384 --shard-bytes 8MB
+    {{python}} -m pipeline verify shards/demo --against-source
 
 # scan an audio tree into shards/<ROOT name>/index.json
 index ROOT *ARGS:
     {{python}} -m pipeline index "{{ROOT}}" {{ARGS}}
+
+# shard an index (default: the newest shards/*/index.json), output beside it
+shard *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    args=({{ARGS}})
+    if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then
+        newest=$(ls -t shards/*/index.json 2>/dev/null | head -n 1 || true)
+        [ -n "$newest" ] || { echo "error: no shards/*/index.json; run just index ROOT first" >&2; exit 2; }
+        args=("$newest" "${args[@]}")
+    fi
+    {{python}} -m pipeline shard "${args[@]}"
+
+# check a shard set (add --against-source to compare with the audio)
+verify DIR *ARGS:
+    {{python}} -m pipeline verify "{{DIR}}" {{ARGS}}
+
+# hours, tracks, chunks, shards, bytes and token level histogram of a shard set
+stats DIR:
+    {{python}} -m pipeline stats "{{DIR}}"
 
 # run the test suite
 test *ARGS:
@@ -25,6 +47,9 @@ lint:
     ruff check .
     ruff format --check .
 
-# index benchmark (prints ratios measured side by side)
+# benchmarks (print ratios measured side by side in one run)
 bench-index *ARGS:
     {{python}} bench/index_bench.py {{ARGS}}
+
+bench-shard *ARGS:
+    {{python}} bench/shard_bench.py {{ARGS}}

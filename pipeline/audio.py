@@ -230,12 +230,17 @@ class AudioReader:
     ) -> None:
         self.path = Path(path)
         self.policy = ChannelPolicy.parse(channels)
-        with _open(path) as f:
-            self.native_rate = f.samplerate
-            self.source_channels = f.channels
-            self.subtype = f.subtype
-            self.native_frames = f.frames if frames is None else min(frames, f.frames)
-        self.policy.check(self.source_channels)
+        # One handle for the reader's life: chunk after chunk needs no reopen and no seek.
+        self._file = f = _open(path)
+        self.native_rate = f.samplerate
+        self.source_channels = f.channels
+        self.subtype = f.subtype
+        self.native_frames = f.frames if frames is None else min(frames, f.frames)
+        try:
+            self.policy.check(self.source_channels)
+        except AudioError:
+            f.close()
+            raise
         self.sample_rate = sample_rate or self.native_rate
         self._dtype = _read_dtype(self.subtype)
 
@@ -243,20 +248,31 @@ class AudioReader:
     def resampled(self) -> bool:
         return self.sample_rate != self.native_rate
 
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> AudioReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _native_blocks(self, start: int, count: int, block_frames: int) -> Iterator[np.ndarray]:
         """Policy-applied `[n, 2]` blocks in the read dtype, frames [start, start + count)."""
+        f = self._file
         try:
-            with sf.SoundFile(self.path) as f:
-                if start:
-                    f.seek(start)
-                left = count
-                while left > 0:
-                    block = f.read(min(block_frames, left), dtype=self._dtype, always_2d=True)
-                    if len(block) == 0:
-                        break
-                    left -= len(block)
-                    yield self.policy.apply(block)
+            if f.tell() != start:
+                f.seek(start)
+            left = count
+            while left > 0:
+                block = f.read(min(block_frames, left), dtype=self._dtype, always_2d=True)
+                if len(block) == 0:
+                    break
+                left -= len(block)
+                yield self.policy.apply(block)
         except sf.LibsndfileError as exc:
+            # a failed seek or decode leaves the handle unusable: start over on the next read
+            self._file = sf.SoundFile(self.path)
             raise AudioError(f"decode error: {exc.error_string}") from None
 
     def blocks(

@@ -199,6 +199,8 @@ class Manifest:
     rejected: dict[str, str]  # path -> reason (from the index, the channel policy, decoding)
     duplicates: dict[str, str]  # path -> the identical file that was sharded instead
     resampled: list[str]
+    # files whose header claims more frames than decode: path -> frames read (verify needs it)
+    truncated: dict[str, int] = field(default_factory=dict)
     partition: tuple[int, int] | None = None  # (i, n) for one part of a job array
 
     def samples(self, split: str) -> int:
