@@ -1,0 +1,216 @@
+"""trainer.data: exact tokens, whole-chunk delivery, eval coverage, determinism, exact resume."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHUNK
+from torch.utils.data import DataLoader
+
+from pipeline import audio
+from pipeline.codec import get_codec, int16_to_pcm16
+from pipeline.errors import PipelineError
+from pipeline.records import AudioIndex, Manifest
+from trainer import data as data_mod
+from trainer.data import (
+    IGNORE,
+    SeedStereoDataModule,
+    ShardDataModule,
+    StereoWavChunkDataset,
+    eval_windows,
+)
+
+SEQ = 1024
+
+
+def _module(shard_dir, **kw) -> ShardDataModule:
+    options = dict(seq_len=SEQ, batch_size=4, num_workers=0, shuffle_buffer=16, seed=3)
+    return ShardDataModule(str(shard_dir), **{**options, **kw})
+
+
+def _take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x["input_ids"], y["input_ids"])
+        and torch.equal(x["labels"], y["labels"])
+        and torch.equal(x["direction"], y["direction"])
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("codec", ["pcm16", "mulaw8", "linear12"])
+def test_tokens_equal_the_codec_of_the_source_audio(tree, shard_dir, codec):
+    dm = _module(shard_dir, codec=codec, return_meta=True, direction="random")
+    c = get_codec(codec)
+    root = AudioIndex.load(tree.index).root
+    for batch in _take(dm.train_stream().batches(0, 0, 1, 0), 6):
+        for row in range(len(batch["direction"])):
+            source, start = batch["source"][row], int(batch["start"][row])
+            frames = int16_to_pcm16(audio.read(f"{root}/{source}", start, SEQ))
+            d = int(batch["direction"][row])
+            np.testing.assert_array_equal(batch["input_ids"][row].numpy(), c.encode(frames[d]))
+            np.testing.assert_array_equal(batch["labels"][row].numpy(), c.encode(frames[1 - d]))
+
+
+def test_every_window_of_every_chunk_visit_is_delivered_once(shard_dir):
+    dm = _module(shard_dir, return_meta=True, batch_size=1)
+    stream = dm.train_stream()
+    blocks = [stream._block(0, 0, b) for b in range(3)]
+    expected = Counter()
+    chunks = stream._chunks_from(0, 0, 0)
+    for block in blocks:
+        for offset, count in zip(block.offsets, block.counts, strict=True):
+            _, (source, chunk_start) = next(chunks)
+            expected.update((source, chunk_start + offset + i * SEQ) for i in range(count))
+    n = sum(len(b.order) for b in blocks)
+    got = Counter(
+        (b["source"][0], int(b["start"][0])) for b in _take(stream.batches(0, 0, 1, 0), n)
+    )
+    assert got == expected
+    assert all(c in (CHUNK // SEQ, CHUNK // SEQ - 1) for b in blocks for c in b.counts)
+
+
+def test_consecutive_rows_rarely_share_a_chunk(shard_dir):
+    dm = _module(shard_dir, return_meta=True, batch_size=4, shuffle_buffer=64)
+    batches = _take(dm.train_stream().batches(0, 0, 1, 0), 60)
+    clean = 0
+    for b in batches:
+        chunks = [(s, int(t) // CHUNK) for s, t in zip(b["source"], b["start"], strict=True)]
+        clean += all(x != y for x, y in itertools.pairwise(chunks))
+    assert clean >= 0.7 * len(batches)
+
+
+def test_eval_covers_every_chunk_once_over_two_ranks_two_workers(shard_dir):
+    manifest = Manifest.load(shard_dir)
+    sizes = [s.samples for s in manifest.shards["test"]]
+    assert len(sizes) >= 2 and len(set(sizes)) >= 2  # unequal shards
+    dm = _module(shard_dir, return_meta=True, num_workers=2, batch_size=3)
+    seen = Counter()
+    counts = []
+    for rank in range(2):
+        stream = dm.eval_stream("test", rank=rank, world_size=2)
+        batches = list(DataLoader(stream, batch_size=None, num_workers=2))
+        counts.append(len(batches))
+        assert len(batches) == len(stream)
+        for b in batches:
+            for row in range(len(b["direction"])):
+                kept = (b["labels"][row] != IGNORE).numpy()
+                for t in np.flatnonzero(kept):
+                    seen[(b["source"][row], int(b["start"][row]) + int(t))] += 1
+    assert counts[0] == counts[1]
+    samples = {}
+    for info in manifest.shards["test"]:
+        for name, raw in data_mod.iter_chunks(f"{shard_dir}/{info.path}", want_meta=True):
+            samples[raw] = name
+    expected = {(src, start + t) for src, start in samples for t in range(CHUNK)}
+    assert set(seen) == expected and set(seen.values()) == {1}
+
+
+def test_eval_windows_score_every_frame_once():
+    starts, mask = eval_windows(4096, 1000)
+    covered = Counter()
+    for s, m in zip(starts, mask, strict=True):
+        covered.update(int(s) + np.flatnonzero(m))
+    assert sorted(covered) == list(range(4096)) and set(covered.values()) == {1}
+
+
+def test_same_seed_same_batches_next_epoch_differs(shard_dir):
+    def epoch_batches(epoch, seed=3):
+        dm = _module(shard_dir, num_workers=2, seed=seed)
+        loader = data_mod._PositionedLoader(dm.train_stream(), lambda: (epoch, 0), num_workers=2)
+        return _take(loader, 6)
+
+    first = epoch_batches(0)
+    assert _same(first, epoch_batches(0))
+    assert not _same(first, epoch_batches(1))
+    assert not _same(first, epoch_batches(0, seed=4))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_with_the_uninterrupted_batches(shard_dir, workers):
+    dm = _module(shard_dir, num_workers=workers, batches_per_epoch=40)
+    stream = dm.train_stream()
+    whole = list(data_mod._PositionedLoader(stream, lambda: (1, 0), num_workers=workers))
+    assert len(whole) == 40
+    for start in (1, 7, 23):
+        resumed = list(
+            data_mod._PositionedLoader(stream, lambda s=start: (1, s), num_workers=workers)
+        )
+        assert _same(resumed, whole[start:])
+
+
+def test_resume_decodes_no_skipped_sample(shard_dir):
+    dm = _module(shard_dir, batch_size=2, shuffle_buffer=8, batches_per_epoch=400)
+    stream = dm.train_stream()
+    block_windows = len(stream._block(0, 0, 0).order)
+    data_mod.DECODED["samples"] = 0
+    next(iter(stream.batches(0, 0, 1, 300)))
+    assert data_mod.DECODED["samples"] <= stream.block_chunks  # one block, not 300 batches
+    assert 3 * block_windows < 300 * 2
+
+
+def test_seq_len_above_chunk_and_bad_direction_are_clear_errors(shard_dir):
+    with pytest.raises(PipelineError, match="larger than the shards' chunk"):
+        _module(shard_dir, seq_len=CHUNK + 1)
+    with pytest.raises(PipelineError, match="l2r, r2l or random"):
+        _module(shard_dir, direction="L->R")
+
+
+def test_missing_manifest_and_empty_split_are_clear_errors(shard_dir, tmp_path):
+    with pytest.raises(PipelineError, match="no shard manifest here"):
+        ShardDataModule(str(tmp_path))
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    m = Manifest.load(copy)
+    m.shards["val"] = []
+    m.save(copy / "manifest.json")
+    with pytest.raises(PipelineError, match="no val shards"):
+        _module(copy).val_dataloader()
+
+
+def test_a_shard_with_a_pickle_member_is_refused(shard_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    info = Manifest.load(copy).shards["train"][0]
+    with tarfile.open(copy / info.path, "a") as tar:
+        member = tarfile.TarInfo("zz_000001.pkl")
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"\x80\x04K."))
+    with pytest.raises(PipelineError, match="refuses other members"):
+        list(data_mod.iter_chunks(str(copy / info.path)))
+
+
+def test_seed_style_dataset_is_the_original_design(tree):
+    lengths = {
+        f"{tree.root}/{rel}": e.frames for rel, e in AudioIndex.load(tree.index).files.items()
+    }
+    ds = StereoWavChunkDataset(lengths, SEQ, items=400, seed=1)
+    item = ds[0]
+    assert item["input_ids"].shape == (SEQ,) and item["labels"].dtype == torch.int64
+    directions = [int(ds[i]["direction"]) for i in range(400)]
+    assert 150 < sum(directions) < 250
+    assert torch.equal(ds[5]["input_ids"], ds[5]["input_ids"])
+    loader = DataLoader(ds, batch_size=4)
+    batch = next(iter(loader))
+    assert set(batch) == {"input_ids", "labels", "direction"}
+    assert batch["input_ids"].shape == (4, SEQ)
+    dm = SeedStereoDataModule(
+        root=str(tree.root), seq_len=SEQ, batch_size=2, num_workers=0, items_per_epoch=20
+    )
+    assert sum(len(v) for v in dm.splits.values()) == len(lengths)
+    assert next(iter(dm.train_dataloader()))["labels"].shape == (2, SEQ)

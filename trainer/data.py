@@ -1,0 +1,708 @@
+"""Streaming loader over uint16 chunk shards, and the original random-access dataset (design §6).
+
+Train stream. Each rank has `num_workers` virtual streams (1 when there are no workers); global
+batch g of an epoch comes from stream g % streams, as PyTorch's DataLoader takes batches from
+its workers in turn. A stream is a deterministic function of (seed, epoch, rank, stream):
+webdataset's `ResampledShards` (deterministic, seeded) picks shards, their chunks are read in
+order, and every block of `shuffle_buffer` windows' worth of chunks is cut into windows and
+permuted. Everything random (shard order, window offsets, the permutation, directions) follows
+from counts in the manifest, never from the data, so resuming at batch k is arithmetic: skip
+whole shards unopened, skip tar members by their headers, and decode only the block that batch
+k starts in. (webdataset's sliding shuffle buffer has no restorable state; this block shuffle
+permutes as many windows and has one.)
+
+Val/test: every chunk exactly once over all ranks and workers, split at sample level from the
+manifest's counts; each chunk is covered by deterministic windows (the last one overlapping,
+with its overlap masked), and every rank gets the same number of batches (fully masked padding).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from pipeline.audio import AudioReader, is_audio_path
+from pipeline.codec import Codec, get_codec, int16_to_pcm16
+from pipeline.errors import PipelineError
+from pipeline.records import SPLITS, Manifest, ShardInfo, load_json
+
+DIRECTIONS = {"l2r": 0, "r2l": 1}
+IGNORE = -100
+# Samples decoded from shards in this process (tests count that resume skips without decoding).
+DECODED = {"samples": 0}
+
+
+def parse_direction(direction: str) -> str:
+    if direction not in ("l2r", "r2l", "random"):
+        raise PipelineError(
+            f"direction {direction!r}: use l2r, r2l or random (`L->R` would be a shell redirect)"
+        )
+    return direction
+
+
+def make_rows(
+    windows: np.ndarray, directions: np.ndarray, codec: Codec
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint16 windows `[B, 2, L]` and directions `[B]` (0: left -> right) -> token ids."""
+    rows = np.arange(len(windows))
+    inputs = windows[rows, directions]
+    targets = windows[rows, 1 - directions]
+    return codec.encode(inputs), codec.encode(targets)
+
+
+def to_batch(
+    windows: np.ndarray,
+    directions: np.ndarray,
+    codec: Codec,
+    mask: np.ndarray | None = None,
+    meta: list[tuple[str, int]] | None = None,
+) -> dict:
+    """A batch of the structure every loader here yields; `mask` marks label positions kept."""
+    input_ids, labels = make_rows(windows, directions, codec)
+    if mask is not None:
+        labels = np.where(mask, labels, IGNORE)
+        input_ids = np.where(mask.any(axis=1, keepdims=True), input_ids, codec.levels)
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "direction": torch.from_numpy(directions.astype(np.int64)),
+    }
+    if meta is not None:
+        batch["source"] = [m[0] for m in meta]
+        batch["start"] = torch.tensor([m[1] for m in meta], dtype=torch.int64)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    """A local path (or file:) opens seekable, so skipped members are seeked over, not read."""
+    path = url[5:] if url.startswith("file:") else url
+    if "://" not in url and not url.startswith("pipe:") and os.path.exists(path):
+        return tarfile.open(path, mode="r:")
+    return tarfile.open(fileobj=wds.gopen(url), mode="r|")
+
+
+def iter_chunks(
+    url: str, skip: int = 0, want_meta: bool = False
+) -> Iterator[tuple[np.ndarray, tuple[str, int] | None]]:
+    """(uint16 `[2, C]`, (source, start) or None) per sample of one shard, from sample `skip`.
+
+    Only `.npy` (never unpickled) and `.json` members are allowed; anything else is refused.
+    """
+    number, key = -1, None  # sample number of the member being looked at
+    pending: dict[str, bytes] = {}
+    with _open_tar(url) as tar:
+        for info in tar:
+            name, _, ext = info.name.partition(".")
+            if ext not in ("npy", "json") or not info.isfile():
+                raise PipelineError(
+                    f"{url}: member {info.name!r} is not .npy/.json; this loader refuses other "
+                    "members (pickles included); re-create the shard with `python -m pipeline "
+                    "shard`"
+                )
+            if name != key:
+                number, key, pending = number + 1, name, {}
+            if number < skip or (ext == "json" and not want_meta):
+                continue  # seeked over (local files) or read past, never decoded
+            handle = tar.extractfile(info)
+            pending[ext] = handle.read() if handle is not None else b""
+            if "npy" in pending and ("json" in pending or not want_meta):
+                chunk = np.load(io.BytesIO(pending.pop("npy")), allow_pickle=False)
+                DECODED["samples"] += 1
+                meta = None
+                if want_meta:
+                    record = json.loads(pending.pop("json"))
+                    meta = (record["source"], int(record["start"]))
+                yield chunk, meta
+
+
+def _check_chunk(chunk: np.ndarray, url: str, frames: int) -> None:
+    if chunk.dtype != np.uint16 or chunk.shape != (2, frames):
+        raise PipelineError(
+            f"{url}: a sample is {chunk.dtype} {chunk.shape}, expected uint16 (2, {frames}) as "
+            "its manifest says; re-create the shard set"
+        )
+
+
+def _shard_url(prefix: str, info: ShardInfo) -> str:
+    return f"{prefix.rstrip('/')}/{info.path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Train: deterministic block-shuffled streams
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class _Block:
+    """Windows of `chunks` consecutive stream chunks, in their permuted order."""
+
+    offsets: np.ndarray  # [chunks] first window start in each chunk
+    counts: np.ndarray  # [chunks] windows in each chunk
+    order: np.ndarray  # [windows] -> index into the block's windows (chunk-major)
+    directions: np.ndarray  # [windows] in output order
+
+
+class TrainStream(IterableDataset):
+    """Infinite-within-an-epoch batches for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        samples: list[int],
+        chunk_frames: int,
+        seq_len: int,
+        batch_size: int,
+        codec: str,
+        direction: str,
+        windows_per_chunk: int | None,
+        shuffle_buffer: int,
+        seed: int,
+        batches_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        return_meta: bool = False,
+    ) -> None:
+        self.urls, self.samples = urls, samples
+        self.chunk_frames, self.seq_len, self.batch_size = chunk_frames, seq_len, batch_size
+        self.codec, self.direction = codec, direction
+        self.windows_per_chunk = windows_per_chunk
+        nominal = windows_per_chunk or chunk_frames // seq_len
+        self.block_chunks = max(1, shuffle_buffer // nominal)
+        self.seed, self.batches_per_epoch = seed, batches_per_epoch
+        self.rank, self.world_size, self.return_meta = rank, world_size, return_meta
+        # [epoch, first batch of the epoch still to deliver]; shared with workers (persistent too)
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self._samples_of = dict(zip(urls, samples, strict=True))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _block(self, epoch: int, stream: int, number: int) -> _Block:
+        rng = np.random.default_rng([self.seed, epoch, self.rank, stream, number])
+        n, frames, length = self.block_chunks, self.chunk_frames, self.seq_len
+        if self.windows_per_chunk:
+            counts = np.full(n, self.windows_per_chunk)
+            offsets = rng.integers(0, frames - counts * length, endpoint=True)
+        else:  # all windows from a random start in [0, L): boundaries move between epochs
+            offsets = rng.integers(0, min(length, frames - length + 1), size=n)
+            counts = (frames - offsets) // length
+        order = rng.permutation(int(counts.sum()))
+        if self.direction == "random":
+            directions = rng.integers(0, 2, size=len(order))
+        else:
+            directions = np.full(len(order), DIRECTIONS[self.direction])
+        return _Block(offsets, counts, order, directions)
+
+    def _shard_sequence(self, epoch: int, stream: int) -> Iterator[str]:
+        seed = _seed(self.seed, epoch, self.rank, stream)
+        shards = wds.ResampledShards(
+            self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True
+        )
+        for item in shards:
+            yield item["url"]
+
+    def _chunks_from(self, epoch: int, stream: int, first: int) -> Iterator[tuple]:
+        """The stream's chunks from chunk number `first`; earlier ones are skipped unread."""
+        passed = 0
+        for url in self._shard_sequence(epoch, stream):
+            count = self._samples_of[url]
+            if passed + count <= first:
+                passed += count
+                continue
+            for chunk, meta in iter_chunks(url, max(0, first - passed), self.return_meta):
+                _check_chunk(chunk, url, self.chunk_frames)
+                yield chunk, meta
+            passed += count
+
+    def batches(self, epoch: int, stream: int, streams: int, start: int) -> Iterator[dict]:
+        """Batches start, start+1, ... (local numbering) of one of `streams` streams, until its
+        share of the epoch."""
+        total = len(range(stream, self.batches_per_epoch, streams))
+        if start >= total:
+            return
+        codec = get_codec(self.codec)
+        first_window = start * self.batch_size
+        number, block_start_window, first_chunk = 0, 0, 0
+        block = self._block(epoch, stream, number)
+        while block_start_window + len(block.order) <= first_window:  # arithmetic skip
+            block_start_window += len(block.order)
+            first_chunk += self.block_chunks
+            number += 1
+            block = self._block(epoch, stream, number)
+        chunks = self._chunks_from(epoch, stream, first_chunk)
+        position = first_window - block_start_window
+        rows: list[np.ndarray] = []
+        dirs: list[int] = []
+        meta: list[tuple[str, int]] = []
+        delivered = start
+        while delivered < total:
+            data = [next(chunks) for _ in range(self.block_chunks)]
+            starts = np.repeat(block.offsets, block.counts) + self.seq_len * (
+                np.arange(len(block.order))
+                - np.repeat(np.cumsum(block.counts) - block.counts, block.counts)
+            )
+            owner = np.repeat(np.arange(self.block_chunks), block.counts)
+            for w in range(position, len(block.order)):
+                window = block.order[w]
+                chunk, chunk_meta = data[owner[window]]
+                s = int(starts[window])
+                rows.append(chunk[:, s : s + self.seq_len])
+                dirs.append(int(block.directions[w]))
+                if self.return_meta:
+                    meta.append((chunk_meta[0], chunk_meta[1] + s))
+                if len(rows) == self.batch_size:
+                    yield to_batch(
+                        np.stack(rows),
+                        np.array(dirs),
+                        codec,
+                        meta=meta if self.return_meta else None,
+                    )
+                    rows, dirs, meta = [], [], []
+                    delivered += 1
+                    if delivered == total:
+                        return
+            number += 1
+            position = 0
+            block = self._block(epoch, stream, number)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        epoch, start = (int(v) for v in self.position)
+        # The DataLoader's i-th batch comes from worker i % workers, i.e. global batch start + i.
+        stream = (start + worker) % workers
+        local = len(range(stream, start, workers))  # this stream's batches before `start`
+        yield from self.batches(epoch, stream, workers, local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Val/test: every chunk once, deterministic windows, equal batches per rank
+
+
+def _even_ranges(total: int, parts: int) -> list[range]:
+    return [range(total * p // parts, total * (p + 1) // parts) for p in range(parts)]
+
+
+def eval_windows(chunk_frames: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window starts covering a chunk and a `[windows, L]` mask scoring every frame once."""
+    starts = list(range(0, chunk_frames - seq_len + 1, seq_len))
+    mask = np.ones((len(starts), seq_len), dtype=bool)
+    if chunk_frames % seq_len:
+        starts.append(chunk_frames - seq_len)
+        last = np.zeros(seq_len, dtype=bool)
+        last[seq_len - chunk_frames % seq_len :] = True
+        mask = np.vstack([mask, last])
+    return np.array(starts), mask
+
+
+class EvalStream(IterableDataset):
+    """Every chunk of a split exactly once over ranks x workers, padded to equal batch counts."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        samples: list[int],
+        chunk_frames: int,
+        seq_len: int,
+        batch_size: int,
+        codec: str,
+        direction: str,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        return_meta: bool = False,
+    ) -> None:
+        self.urls, self.samples = urls, samples
+        self.chunk_frames, self.seq_len, self.batch_size = chunk_frames, seq_len, batch_size
+        self.codec, self.direction = codec, direction
+        self.rank, self.world_size = rank, world_size
+        self.slots = max(1, workers)
+        self.return_meta = return_meta
+        self.starts, self.mask = eval_windows(chunk_frames, seq_len)
+        total = sum(samples)
+        per_slot = len(self.starts)
+        ranks = _even_ranges(total, world_size)
+        self.slot_ranges = [_even_ranges(len(r), self.slots) for r in ranks]
+        self.rank_ranges = ranks
+        counts = [
+            [math.ceil(len(s) * per_slot / batch_size) for s in slots] for slots in self.slot_ranges
+        ]
+        target = max(sum(c) for c in counts)
+        self.batch_counts = counts[rank]
+        deficit = target - sum(self.batch_counts)
+        # padding batches go to the slots in turn, so each rank delivers `target` batches
+        self.padding = [
+            deficit // self.slots + (s < deficit % self.slots) for s in range(self.slots)
+        ]
+
+    def __len__(self) -> int:
+        return sum(self.batch_counts) + sum(self.padding)
+
+    def _samples(self, first: int, count: int) -> Iterator[tuple]:
+        """Global samples [first, first + count) in manifest order."""
+        passed = 0
+        for url, n in zip(self.urls, self.samples, strict=True):
+            if passed + n <= first or count <= 0:
+                passed += n
+                continue
+            skip = max(0, first - passed)
+            for chunk, meta in iter_chunks(url, skip, self.return_meta):
+                _check_chunk(chunk, url, self.chunk_frames)
+                yield chunk, meta
+                count -= 1
+                if count == 0:
+                    return
+            passed += n
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.slots:
+            raise PipelineError("EvalStream was built for another number of workers")
+        codec = get_codec(self.codec)
+        span = self.slot_ranges[self.rank][slot]
+        first = self.rank_ranges[self.rank].start + span.start
+        rows, masks, meta = [], [], []
+        direction = DIRECTIONS.get(self.direction, 0)  # `random` evaluates left -> right
+
+        def flush() -> dict:
+            n = len(rows)
+            windows = np.zeros((self.batch_size, 2, self.seq_len), np.uint16)
+            mask = np.zeros((self.batch_size, self.seq_len), dtype=bool)
+            if n:
+                windows[:n], mask[:n] = np.stack(rows), np.stack(masks)
+            pad_meta = meta + [("", -1)] * (self.batch_size - n) if self.return_meta else None
+            return to_batch(windows, np.full(self.batch_size, direction), codec, mask, pad_meta)
+
+        for chunk, chunk_meta in self._samples(first, len(span)):
+            for start, window_mask in zip(self.starts, self.mask, strict=True):
+                rows.append(chunk[:, start : start + self.seq_len])
+                masks.append(window_mask)
+                if self.return_meta:
+                    meta.append((chunk_meta[0], chunk_meta[1] + int(start)))
+                if len(rows) == self.batch_size:
+                    yield flush()
+                    rows, masks, meta = [], [], []
+        if rows:
+            yield flush()
+            rows, masks, meta = [], [], []
+        for _ in range(self.padding[slot]):
+            yield flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# DataModules
+
+
+class _PositionedLoader(DataLoader):
+    """Tells the stream, before every pass, which epoch it is and where in it to start."""
+
+    def __init__(self, dataset: TrainStream, where: Callable[[], tuple[int, int]], **kw) -> None:
+        super().__init__(dataset, batch_size=None, **kw)
+        self._where = where
+
+    def __iter__(self):
+        epoch, start = self._where()
+        self.dataset.position[0], self.dataset.position[1] = epoch, start
+        return super().__iter__()
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Batches `input_ids [B, L]`, `labels [B, L]`, `direction [B]` from a shard set.
+
+    Args:
+        manifest: manifest.json of a shard set, or its folder.
+        url_prefix: where the shards are (default: the manifest's folder); any URL webdataset
+            opens, e.g. `pipe:aws s3 cp s3://bucket/set` (shard paths are appended).
+        seq_len: frames per window (at most the shards' chunk).
+        windows_per_chunk: train windows cut from each chunk (default: all it holds).
+        shuffle_buffer: windows permuted together (a block of chunks).
+        batches_per_epoch: train batches per epoch and rank (default: the train windows of the
+            manifest divided by batch_size x ranks).
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        url_prefix: str | None = None,
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        codec: str = "pcm16",
+        direction: str = "random",
+        windows_per_chunk: int | None = None,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        return_meta: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        path = Path(manifest)
+        self.manifest = Manifest.load(path)
+        self.folder = path if path.is_dir() else path.parent
+        self.url_prefix = url_prefix or str(self.folder)
+        self.direction = parse_direction(direction)
+        get_codec(codec)
+        chunk = self.manifest.config.chunk_frames
+        if seq_len > chunk:
+            raise PipelineError(
+                f"seq_len {seq_len} is larger than the shards' chunk ({chunk} frames, "
+                f"{self.folder}); lower seq_len or re-shard with --chunk-frames {seq_len}"
+            )
+        if windows_per_chunk is not None and not 0 < windows_per_chunk * seq_len <= chunk:
+            raise PipelineError(
+                f"windows_per_chunk {windows_per_chunk} x seq_len {seq_len} must fit in a chunk "
+                f"of {chunk} frames"
+            )
+
+    def _split(self, split: str) -> tuple[list[str], list[int]]:
+        shards = [s for s in self.manifest.shards.get(split, []) if s.samples]
+        if not shards:
+            raise PipelineError(
+                f"{self.folder}: no {split} shards; re-shard with a non-zero --{split} fraction"
+                + (" or set trainer.limit_val_batches=0" if split == "val" else "")
+            )
+        return [_shard_url(self.url_prefix, s) for s in shards], [s.samples for s in shards]
+
+    def _loader_kw(self) -> dict:
+        workers = self.hparams.num_workers
+        return dict(
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainStream:
+        urls, samples = self._split("train")
+        hp = self.hparams
+        if rank is None:
+            rank, world_size = _world()
+        per_chunk = hp.windows_per_chunk or self.manifest.config.chunk_frames // hp.seq_len
+        batches = hp.batches_per_epoch or max(
+            1, sum(samples) * per_chunk // (hp.batch_size * world_size)
+        )
+        return TrainStream(
+            urls,
+            samples,
+            self.manifest.config.chunk_frames,
+            hp.seq_len,
+            hp.batch_size,
+            hp.codec,
+            self.direction,
+            hp.windows_per_chunk,
+            hp.shuffle_buffer,
+            hp.seed,
+            batches,
+            rank,
+            world_size,
+            hp.return_meta,
+        )
+
+    def _where(self) -> tuple[int, int]:
+        """(epoch, batches of it already done): from the trainer, so a resume continues."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return trainer.current_epoch, done
+
+    def train_dataloader(self) -> DataLoader:
+        return _PositionedLoader(self.train_stream(), self._where, **self._loader_kw())
+
+    def eval_stream(
+        self, split: str, rank: int | None = None, world_size: int | None = None
+    ) -> EvalStream:
+        urls, samples = self._split(split)
+        hp = self.hparams
+        if rank is None:
+            rank, world_size = _world()
+        return EvalStream(
+            urls,
+            samples,
+            self.manifest.config.chunk_frames,
+            hp.seq_len,
+            hp.eval_batch_size or hp.batch_size,
+            hp.codec,
+            self.direction,
+            rank,
+            world_size,
+            hp.num_workers,
+            hp.return_meta,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_stream("val"), batch_size=None, **self._loader_kw())
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.eval_stream("test"), batch_size=None, **self._loader_kw())
+
+
+# ---------------------------------------------------------------------------------------------
+# The original trainer's random-access design, kept as a baseline
+
+
+class StereoWavChunkDataset(Dataset):
+    """Item i: a random file, a random offset, `seq_len` frames read from the audio file.
+
+    What the original trainer did: files and their lengths (the lengths JSON), an int16 read of
+    a random chunk, int16 + 32768 as tokens, mono duplicated / the first two channels kept, a
+    random direction. Seeded per (seed, epoch, item), so a run is reproducible.
+    """
+
+    def __init__(
+        self,
+        lengths: dict[str, int],
+        seq_len: int,
+        items: int,
+        codec: str = "pcm16",
+        direction: str = "random",
+        seed: int = 0,
+    ) -> None:
+        self.files = sorted(p for p, n in lengths.items() if n >= seq_len)
+        if not self.files:
+            raise PipelineError(f"no file holds {seq_len} frames; lower seq_len")
+        self.lengths = lengths
+        self.seq_len, self.items = seq_len, items
+        self.codec, self.direction = get_codec(codec), parse_direction(direction)
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return self.items
+
+    def __getitem__(self, item: int) -> dict:
+        rng = random.Random(hash((self.seed, self.epoch, item)))
+        path = self.files[rng.randrange(len(self.files))]
+        start = rng.randrange(self.lengths[path] - self.seq_len + 1)
+        with AudioReader(path) as reader:
+            window = int16_to_pcm16(reader.read(start, self.seq_len))
+        fixed = DIRECTIONS.get(self.direction)
+        direction = rng.randrange(2) if fixed is None else fixed
+        batch = to_batch(window[None], np.array([direction]), self.codec)
+        return {k: v[0] for k, v in batch.items()}
+
+
+def seed_split(files: list[str], seed: int, val: float, test: float) -> dict[str, list[str]]:
+    """The original's seeded file split: shuffle, then cut test, val and train off the front."""
+    order = sorted(files)
+    random.Random(seed).shuffle(order)
+    n_test, n_val = round(len(order) * test), round(len(order) * val)
+    return {
+        "test": order[:n_test],
+        "val": order[n_test : n_test + n_val],
+        "train": order[n_test + n_val :],
+    }
+
+
+def glob_lengths(root: str) -> dict[str, int]:
+    """{absolute path: frames} of the audio files under root (what the lengths JSON holds)."""
+    lengths = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if is_audio_path(name):
+                path = os.path.abspath(os.path.join(dirpath, name))
+                try:
+                    with AudioReader(path) as reader:
+                        lengths[path] = reader.frames
+                except PipelineError:
+                    continue
+    return lengths
+
+
+class SeedStereoDataModule(pl.LightningDataModule):
+    """The original trainer's data path: glob or lengths JSON, random chunk per item.
+
+    Args:
+        root: folder of audio files (globbed when no lengths JSON is given).
+        lengths_json: `{absolute path: frames}` (`python -m pipeline index --lengths-json`).
+        items_per_epoch: train items per epoch (val/test: a tenth of it).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        lengths_json: str | None = None,
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        codec: str = "pcm16",
+        direction: str = "random",
+        seed: int = 0,
+        val: float = 0.1,
+        test: float = 0.1,
+        items_per_epoch: int = 10000,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if lengths_json:
+            lengths = {k: int(v) for k, v in load_json(Path(lengths_json), "lengths JSON").items()}
+        elif root:
+            lengths = glob_lengths(root)
+        else:
+            raise PipelineError("SeedStereoDataModule needs root or lengths_json")
+        self.splits = seed_split(list(lengths), seed, val, test)
+        self.lengths = lengths
+
+    def dataset(self, split: str) -> StereoWavChunkDataset:
+        hp = self.hparams
+        files = self.splits[split]
+        if not files:
+            raise PipelineError(f"the {split} split of the seed-style data is empty")
+        items = hp.items_per_epoch if split == "train" else max(1, hp.items_per_epoch // 10)
+        return StereoWavChunkDataset(
+            {f: self.lengths[f] for f in files},
+            hp.seq_len,
+            items,
+            hp.codec,
+            hp.direction if split == "train" else "l2r",
+            hp.seed + SPLITS.index(split),
+        )
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return self._loader("val", hp.eval_batch_size or hp.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        return self._loader("test", hp.eval_batch_size or hp.batch_size, shuffle=False)
