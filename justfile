@@ -38,6 +38,14 @@ verify DIR *ARGS:
 stats DIR:
     {{python}} -m pipeline stats "{{DIR}}"
 
+# train a T5 (LightningCLI): just train [CONFIG] [--section.key value ...]
+train *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    args=({{ARGS}})
+    if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then args=(configs/tiny.yaml "${args[@]}"); fi
+    {{python}} -m trainer fit --config "${args[0]}" "${args[@]:1}"
+
 # run the test suite
 test *ARGS:
     {{python}} -m pytest {{ARGS}}
@@ -53,3 +61,9 @@ bench-index *ARGS:
 
 bench-shard *ARGS:
     {{python}} bench/shard_bench.py {{ARGS}}
+
+bench-loader *ARGS:
+    {{python}} bench/loader_bench.py {{ARGS}}
+
+bench-train *ARGS:
+    {{python}} bench/train_bench.py {{ARGS}}

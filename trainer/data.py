@@ -469,6 +469,14 @@ class ShardLoader(DataLoader):
         super().__init__(dataset, batch_size=None, collate_fn=_keep, **kw)
         self.codec, self._where, self._pin = get_codec(codec), where, pin_memory
 
+    def state_dict(self) -> dict:
+        """Where the stream stands is the trainer's own progress (epoch, batches done), which
+        the checkpoint already holds; `__iter__` reads it, so nothing else needs saving."""
+        return {"position": [int(v) for v in self.dataset.position]} if self._where else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: see `state_dict`."""
+
     def __iter__(self) -> Iterator[dict]:
         if self._where is not None:
             epoch, start = self._where()

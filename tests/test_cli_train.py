@@ -1,0 +1,73 @@
+"""`python -m trainer` (LightningCLI), in-process: configs, logging, resume, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.cli import main
+
+REPO = Path(__file__).parent.parent
+
+
+def _args(shard_dir, root: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+        "--data.init_args.manifest",
+        str(shard_dir),
+        "--data.init_args.num_workers",
+        "0",
+        "--data.init_args.batches_per_epoch",
+        "4",
+        "--data.init_args.seq_len",
+        "256",
+        "--model.d_model",
+        "32",
+        "--model.d_ff",
+        "64",
+        "--model.num_heads",
+        "2",
+        "--model.num_layers",
+        "1",
+        "--model.num_decoder_layers",
+        "1",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger+=pytorch_lightning.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={root}",
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+def test_fit_logs_csv_and_offline_wandb_then_resumes_from_last(shard_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)  # tiny.yaml's loggers write under runs/tiny
+    main(_args(shard_dir, tmp_path))
+    assert list((tmp_path / "runs" / "tiny" / "wandb").glob("offline-run-*"))
+    metrics = list(tmp_path.rglob("metrics.csv"))
+    assert metrics and "val/bits_per_sample" in metrics[0].read_text()
+    last = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    main(_args(shard_dir, tmp_path, "--trainer.max_steps", "5", "--ckpt_path", str(last)))
+    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)["global_step"] == 5
+
+
+def test_seq_len_above_the_chunk_fails_before_training(shard_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(shard_dir, tmp_path, "--data.init_args.seq_len", "999999"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seq_len 999999 is larger than the shards' chunk" in err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -1,0 +1,98 @@
+"""`python -m trainer fit|validate|test --config configs/tiny.yaml` (LightningCLI).
+
+YAML keys are the constructor arguments of `trainer.model.StereoT5` (`model:`), of a DataModule
+(`data:` with a `class_path`: `trainer.data.ShardDataModule` or `SeedStereoDataModule`) and of
+the Lightning Trainer (`trainer:`). `python -m trainer fit --help` lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+
+from pipeline.errors import PipelineError
+from trainer.callbacks import ThroughputMonitor
+from trainer.model import ModelError, StereoT5
+
+
+def wandb_mode_default() -> None:
+    """W&B stays offline unless the user chose a mode or logged in (key in env or netrc)."""
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return
+    os.environ["WANDB_MODE"] = "offline"
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Checkpoints in `<default_root_dir>/checkpoints`, not in a logger's version folder, so
+    `--ckpt_path last` finds the last one whichever logger versions the run."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+
+def trainer_defaults() -> dict:
+    """bf16-mixed on a GPU (T5 overflows in fp16), fp32 on CPU; checkpoints last + best."""
+    return {
+        "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        "callbacks": [
+            RunCheckpoint(
+                monitor="val/bits_per_sample",
+                mode="min",
+                save_last=True,
+                filename="best-step{step}-bps{val/bits_per_sample:.4f}",
+                auto_insert_metric_name=False,
+            ),
+            ThroughputMonitor(),
+        ],
+    }
+
+
+class StereoCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # one codec and one window length for the data and the model
+        parser.link_arguments(
+            "data", "model.codec", apply_on="instantiate", compute_fn=lambda dm: dm.hparams.codec
+        )
+        parser.link_arguments(
+            "data",
+            "model.max_len",
+            apply_on="instantiate",
+            compute_fn=lambda dm: dm.hparams.seq_len,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # `predict` is ours (trainer.evaluate), not LightningCLI's
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+
+def main(args: list[str] | None = None) -> None:
+    wandb_mode_default()
+    try:
+        StereoCLI(
+            StereoT5,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_defaults=trainer_defaults(),
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except Exception as exc:  # a user error may arrive wrapped by jsonargparse
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, PipelineError | ModelError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
