@@ -213,3 +213,27 @@ def test_seed_style_dataset_is_the_original_design(tree):
     )
     assert sum(len(v) for v in dm.splits.values()) == len(lengths)
     assert next(iter(dm.train_dataloader()))["labels"].shape == (2, SEQ)
+
+
+def test_file_and_pipe_urls_give_the_same_batches(shard_dir):
+    local = _take(_module(shard_dir).train_dataloader(), 5)
+    for prefix in (f"file:{shard_dir}", f"pipe:cat {shard_dir}"):
+        other = _take(_module(shard_dir, url_prefix=prefix).train_dataloader(), 5)
+        assert _same(local, other)
+
+
+def test_persistent_workers_follow_the_epoch(shard_dir):
+    epoch = {"now": 0}
+    dm = _module(shard_dir, num_workers=2, batches_per_epoch=8)
+    stream = dm.train_stream()
+    persistent = data_mod.ShardLoader(
+        stream, "pcm16", lambda: (epoch["now"], 0), num_workers=2, persistent_workers=True
+    )
+    first = list(persistent)
+    epoch["now"] = 1
+    second = list(persistent)
+    fresh = [
+        list(data_mod.ShardLoader(stream, "pcm16", lambda e=e: (e, 0), num_workers=2))
+        for e in (0, 1)
+    ]
+    assert _same(first, fresh[0]) and _same(second, fresh[1]) and not _same(first, second)

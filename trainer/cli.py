@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -79,6 +80,8 @@ class StereoCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     wandb_mode_default()
+    # Our IterableDatasets know their per-rank length and split work per worker themselves.
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
     try:
         StereoCLI(
             StereoT5,
