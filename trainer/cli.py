@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from pipeline.errors import PipelineError
 from trainer.callbacks import ThroughputMonitor
@@ -49,6 +50,7 @@ def trainer_defaults() -> dict:
         "callbacks": [
             RunCheckpoint(
                 monitor="val/bits_per_sample",
+                enable_version_counter=False,  # a resumed run overwrites last.ckpt
                 mode="min",
                 save_last=True,
                 filename="best-step{step}-bps{val/bits_per_sample:.4f}",
@@ -59,7 +61,22 @@ def trainer_defaults() -> dict:
     }
 
 
+def default_loggers(root: str) -> list:
+    """CSV always, W&B beside it (offline unless the user chose otherwise): both in `root`."""
+    name = Path(root).resolve().name
+    return [CSVLogger(root, name="csv"), WandbLogger(project="stereotok", save_dir=root, name=name)]
+
+
 class StereoCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """Without `trainer.logger` in the config, log to CSV and W&B under default_root_dir
+        (a YAML logger list cannot follow a --trainer.default_root_dir given on the command
+        line); `logger: false` still turns logging off."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # one codec and one window length for the data and the model
         parser.link_arguments(
