@@ -46,6 +46,14 @@ train *ARGS:
     if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then args=(configs/tiny.yaml "${args[@]}"); fi
     {{python}} -m trainer fit --config "${args[0]}" "${args[@]:1}"
 
+# evaluate a checkpoint: just evaluate CKPT SHARDS [--split test] [--generate 8] [--out DIR]
+evaluate CKPT SHARDS *ARGS:
+    {{python}} -m trainer evaluate --ckpt "{{CKPT}}" --shards "{{SHARDS}}" {{ARGS}}
+
+# rebuild one channel of a file: just predict IN OUT CKPT [--direction r2l]
+predict IN OUT CKPT *ARGS:
+    {{python}} -m trainer predict "{{IN}}" "{{OUT}}" --ckpt "{{CKPT}}" {{ARGS}}
+
 # run the test suite
 test *ARGS:
     {{python}} -m pytest {{ARGS}}

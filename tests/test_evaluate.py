@@ -1,0 +1,358 @@
+"""Evaluation, prediction and signal baselines on the fixture shards with tiny models."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import soundfile as sf
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+
+from pipeline.audio import read
+from pipeline.records import Manifest
+from trainer import evaluate as evaluate_module
+from trainer import predict as predict_module
+from trainer.baselines import (
+    best_gain,
+    copy_snr,
+    fir_apply,
+    flac_bits,
+    level_entropy,
+    ls_fir,
+    snr_db,
+)
+from trainer.data import ShardDataModule
+from trainer.evaluate import evaluate, load_model
+from trainer.model import ModelError, StereoT5
+from trainer.predict import predict
+
+TINY = dict(
+    d_model=32,
+    d_ff=64,
+    num_layers=1,
+    num_decoder_layers=1,
+    num_heads=2,
+    d_kv=16,
+    max_len=256,
+    warmup_steps=1,
+)
+SEQ = 64  # evaluation/prediction window: generation costs one decoder step per sample
+RATE = 16000  # the fixture shards' rate
+REPORT_KEYS = {
+    *("format", "ckpt", "ckpt_kind", "shards", "split", "direction", "sample_rate", "files"),
+    *("codec", "codec_exact", "bits_comparable_to_flac", "model", "config", "counts"),
+    *("bits_per_sample", "teacher_forced", "flac", "snr_db", "snr_db_per_window", "best_gains"),
+    *("generated_windows", "training_curve", "timing", "warnings"),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode one sample per step: with 2 intra-op threads on a 2-core machine
+    that is also training, a 64-step generate took 0.2-13 s; with 1 thread 0.06 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(shard_dir, tmp_path_factory) -> Path:
+    """A 2-step fit on the fixture shards: checkpoints/, csv/version_0/{metrics.csv,export}."""
+    root = tmp_path_factory.mktemp("run")
+    data = ShardDataModule(
+        str(shard_dir), seq_len=256, batch_size=4, num_workers=0, batches_per_epoch=2, seed=0
+    )
+    model = StereoT5(codec="pcm16", head="coarse_fine", **TINY)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=root,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=CSVLogger(root, name="csv"),
+        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # num_workers and small-batch advice
+        trainer.fit(model, data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(run) -> Path:
+    return run / "checkpoints" / "last.ckpt"
+
+
+def _test_chunks(shard_dir: Path, count: int) -> list[np.ndarray]:
+    """The first `count` test chunks in manifest order, read with tarfile alone, as int16."""
+    manifest = Manifest.load(shard_dir)
+    chunks = []
+    for shard in manifest.shards["test"]:
+        with tarfile.open(shard_dir / shard.path) as tar:
+            for member in tar:
+                if member.name.endswith(".npy") and len(chunks) < count:
+                    u16 = np.load(io.BytesIO(tar.extractfile(member).read()))
+                    chunks.append((u16.astype(np.int32) - 32768).astype(np.int16))
+    return chunks
+
+
+def _flac_size(data: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    sf.write(buffer, data, RATE, format="FLAC", subtype="PCM_16", compression_level=1.0)
+    return len(buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------ baselines
+
+
+def test_copy_of_an_identical_channel_has_very_high_snr():
+    x = np.random.default_rng(0).integers(-20000, 20000, 4096).astype(np.int16)
+    assert copy_snr(x, x.copy()) > 90  # error 0: 10 log10 of the signal energy (~127 dB)
+    assert copy_snr(x, (x // 2).astype(np.int16)) < 10
+
+
+def test_best_gain_recovers_the_scale_of_a_scaled_channel():
+    x = np.random.default_rng(1).normal(0, 3000, 4096)
+    assert best_gain(x, -0.37 * x) == pytest.approx(-0.37, rel=1e-12)
+    assert best_gain(np.zeros(8), np.ones(8)) == 0.0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_least_squares_fir_recovers_a_known_short_filter_on_noiseless_data(causal):
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 1000, 2048)
+    h = np.array([0.5, -0.25, 0.125, 0.8, -0.1])
+    y = np.convolve(x, h)[: len(x)]  # causal FIR, zero initial state
+    fitted = ls_fir(x, y, taps=32, causal=causal)
+    at = 0 if causal else 16  # two-sided taps are lags -16..15: lag 0 sits at index 16
+    expected = np.zeros(32)
+    expected[at : at + len(h)] = h
+    np.testing.assert_allclose(fitted, expected, atol=1e-9)
+    np.testing.assert_allclose(fir_apply(x, fitted, causal), y, atol=1e-6)
+    assert snr_db(y, fir_apply(x, fitted, causal)) > 90
+
+
+def test_flac_of_a_duplicated_channel_costs_almost_nothing_given_the_input():
+    x = np.random.default_rng(3).integers(-8000, 8000, 4096).astype(np.int16)
+    cost = flac_bits(np.stack([x, x]), RATE)
+    assert cost.alone > 10  # white noise: about 14 bits
+    assert cost.given_input < 0.5  # FLAC's side channel is all zeros
+
+
+def test_level_entropy_of_a_uniform_histogram_is_log2_of_its_levels():
+    assert level_entropy(np.array([5, 5, 5, 5, 0, 0])) == pytest.approx(2.0)
+    assert level_entropy(np.zeros(4)) == 0.0
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def test_flac_costs_in_the_report_equal_an_independent_encoding_of_the_chunks(
+    ckpt, shard_dir, tmp_path
+):
+    report = evaluate(
+        ckpt, shard_dir, max_chunks=2, generate=0, out=tmp_path, seq_len=SEQ, progress=False
+    )
+    chunks = _test_chunks(shard_dir, 2)
+    stereo = sum(_flac_size(c.T) for c in chunks)
+    left = sum(_flac_size(c[0]) for c in chunks)
+    right = sum(_flac_size(c[1]) for c in chunks)
+    frames = sum(c.shape[1] for c in chunks)
+    assert report["counts"]["chunks"] == 2
+    assert report["flac"] == {
+        "stereo_bytes": stereo,
+        "input_bytes": left,
+        "target_bytes": right,
+        "frames": frames,
+    }
+    bits = report["bits_per_sample"]
+    assert bits["flac_given_input"] == pytest.approx((stereo - left) * 8 / frames)
+    assert bits["flac_target_alone"] == pytest.approx(right * 8 / frames)
+
+
+def test_evaluate_writes_json_markdown_and_png_with_every_field(ckpt, shard_dir, run):
+    report = evaluate(ckpt, shard_dir, generate=3, seq_len=SEQ, batch_size=8, progress=False)
+    out = ckpt.parent / "eval-test"  # the default: beside the checkpoint
+    data = json.loads((out / "report.json").read_text())
+    assert data == json.loads(json.dumps(report))
+    assert set(data) >= REPORT_KEYS, REPORT_KEYS - set(data)
+    assert data["ckpt_kind"] == "lightning" and data["codec"] == "pcm16"
+    assert data["model"]["train_sample_rate"] == RATE  # found through the datamodule's manifest
+    assert set(data["bits_per_sample"]) == {
+        "model",
+        "flac_given_input",
+        "flac_target_alone",
+        "level_entropy",
+    }
+    assert all(math.isfinite(v) for v in data["bits_per_sample"].values())
+    assert set(data["snr_db"]) >= {"model_greedy", "model_sampled", "copy", "best_gain", "ls_fir"}
+    assert all(isinstance(v, float) for v in data["snr_db"].values())
+    counts = data["counts"]
+    test_chunks = Manifest.load(shard_dir).samples("test")
+    assert counts["chunks"] == test_chunks
+    assert counts["samples_scored"] == test_chunks * 4096  # every frame once
+    assert counts["generated_windows"] == 3 == len(data["snr_db_per_window"]["ls_fir"])
+    assert data["training_curve"] == str(run / "csv" / "version_0" / "metrics.csv")
+    # the oracle FIR includes the best gain (its lag-0 tap alone), which includes a zero gain
+    snr = data["snr_db"]
+    assert snr["ls_fir"] >= snr["best_gain"] - 0.01
+
+    # the model's bits are the exact sum over the split, as the test loop computes them
+    loader = ShardDataModule(
+        str(shard_dir), seq_len=SEQ, batch_size=8, num_workers=0, codec="pcm16", direction="l2r"
+    ).test_dataloader()
+    model = load_model(ckpt).model
+    nll = count = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            scored = model.score(batch["input_ids"], batch["labels"])
+            nll += float(scored["nll_sum"])
+            count += int(scored["count"])
+    assert data["bits_per_sample"]["model"] == pytest.approx(nll / count / math.log(2), rel=1e-6)
+
+    md = (out / "report.md").read_text()
+    for row in (
+        "| model (teacher-forced) |",
+        "| FLAC of target given input |",
+        "| FLAC of target alone |",
+        "| level entropy of target (pcm16) |",
+        "| model greedy |",
+        "| model sampled (T = 1) |",
+        "| copy input |",
+        "| best gain |",
+        "| LS FIR, 32 taps two-sided, fitted per window (oracle) |",
+    ):
+        assert row in md, row
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_lossy_codec_export_folder_labels_its_bits_as_lossy(shard_dir, tmp_path, capsys):
+    folder = StereoT5(codec="mulaw8", head="full", **TINY).save_pretrained(tmp_path / "export")
+    code = evaluate_module.main(
+        [
+            "--ckpt",
+            str(folder),
+            "--shards",
+            str(shard_dir),
+            "--split",
+            "val",
+            "--generate",
+            "1",
+            "--seq-len",
+            str(SEQ),
+            "--direction",
+            "r2l",
+            "--max-chunks",
+            "1",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "bits of the lossy mulaw8 signal, not comparable to FLAC" in printed
+    assert "mulaw8 round trip of the truth (ceiling)" in printed
+    report = json.loads((tmp_path / "eval-val" / "report.json").read_text())  # beside the export
+    assert report["ckpt_kind"] == "export" and report["bits_comparable_to_flac"] is False
+    assert report["direction"] == "r2l" and report["counts"]["chunks"] == 1
+    assert report["training_curve"] is None
+    assert (tmp_path / "eval-val" / "report.png").is_file()
+
+
+def test_a_codec_or_window_the_checkpoint_was_not_built_for_is_a_clear_error(
+    ckpt, shard_dir, tmp_path, capsys
+):
+    out = tmp_path / "never"
+    with pytest.raises(ModelError, match="trained with codec pcm16, asked for mulaw8"):
+        evaluate(ckpt, shard_dir, codec="mulaw", out=out, progress=False)
+    with pytest.raises(ModelError, match="above the checkpoint's max_len 256"):
+        evaluate(ckpt, shard_dir, seq_len=512, out=out, progress=False)
+    args = ["--ckpt", str(ckpt), "--shards", str(shard_dir), "--out", str(out)]
+    assert evaluate_module.main([*args, "--codec", "linear8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--codec pcm16" in err
+    missing = ["--ckpt", str(tmp_path / "missing.ckpt"), "--shards", str(shard_dir)]
+    assert evaluate_module.main(missing) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ predict
+
+
+def _write(path: Path, frames: int, rate: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    sf.write(path, rng.uniform(-0.4, 0.4, (frames, 2)), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.parametrize("direction", ["l2r", "r2l"])
+def test_predict_keeps_the_length_and_the_input_channel_bit_for_bit(
+    ckpt, tmp_path, direction, capsys
+):
+    inp = _write(tmp_path / "in.wav", 5 * SEQ + 17, RATE)  # a tail shorter than a window
+    out = tmp_path / "out.wav"
+    code = predict_module.main(
+        [
+            str(inp),
+            str(out),
+            "--ckpt",
+            str(ckpt),
+            "--direction",
+            direction,
+            "--seq-len",
+            str(SEQ),
+            "--batch-size",
+            "4",
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and "samples/s" in capsys.readouterr().out
+    info = sf.info(out)
+    assert (info.channels, info.samplerate, info.subtype) == (2, RATE, "PCM_16")
+    written, _ = sf.read(out, dtype="int16")
+    original = read(inp)
+    assert written.shape == (original.shape[1], 2)
+    keep = 0 if direction == "l2r" else 1
+    assert np.array_equal(written[:, keep], original[keep])
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_predict_resamples_to_the_training_rate_and_pads_a_file_shorter_than_a_window(
+    ckpt, tmp_path
+):
+    inp = tmp_path / "low.flac"
+    sf.write(inp, np.random.default_rng(4).uniform(-0.3, 0.3, (20, 2)), 8000, subtype="PCM_24")
+    result = predict(inp, tmp_path / "out.wav", ckpt, seq_len=SEQ, progress=False)
+    assert result["sample_rate"] == RATE and "training shards" in result["rate_source"]
+    written, rate = sf.read(tmp_path / "out.wav", dtype="int16")
+    expected = read(inp, sample_rate=RATE)  # pipeline.audio at the output rate
+    assert rate == RATE and written.shape == (expected.shape[1], 2) and result["windows"] == 1
+    assert np.array_equal(written[:, 0], expected[0])
+
+
+def test_predict_from_an_export_folder_keeps_the_native_rate(run, tmp_path):
+    inp = _write(tmp_path / "in.wav", 2 * SEQ, 22050)
+    result = predict(
+        inp,
+        tmp_path / "out.wav",
+        run / "csv" / "version_0" / "export",
+        seq_len=SEQ,
+        progress=False,
+    )
+    assert result["sample_rate"] == 22050 and "input's own rate" in result["rate_source"]
+    assert sf.info(tmp_path / "out.wav").frames == 2 * SEQ
