@@ -250,6 +250,33 @@ def _shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
     return shifted.masked_fill(shifted == IGNORE, start)
 
 
+class ValueEmbedding(nn.Module):
+    """The token's level as a number: [x, sin(2^k pi x), cos(2^k pi x)] for x in (-1, 1),
+    projected to d_model and added to the token's own embedding.
+
+    A 65536-level vocabulary gives each level its own embedding row, which a small run updates
+    a handful of times; neighbouring levels, nearly the same sound, share nothing. This feature
+    tells the model from the first step that level 30000 lies between 29999 and 30001. The pad
+    token gets a flag of its own and no value.
+    """
+
+    def __init__(self, levels: int, d_model: int, octaves: int = 8) -> None:
+        super().__init__()
+        self.levels = levels
+        self.register_buffer(
+            "freqs", torch.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False
+        )
+        self.proj = nn.Linear(2 + 2 * octaves, d_model)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = (tokens >= self.levels).unsqueeze(-1)
+        x = ((tokens.clamp(max=self.levels - 1).float() + 0.5) / self.levels * 2 - 1).unsqueeze(-1)
+        angles = x * self.freqs
+        feats = torch.cat([x, angles.sin(), angles.cos()], -1).masked_fill(pad, 0.0)
+        feats = torch.cat([feats, pad.float()], -1)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
 class StereoT5(pl.LightningModule):
     """T5 that predicts the target channel's tokens from the input channel's, time-aligned.
 
@@ -298,6 +325,7 @@ class StereoT5(pl.LightningModule):
         head: str = "auto",
         head_chunk: int = 256,
         align: bool = False,
+        value_embed: bool = True,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
@@ -345,6 +373,7 @@ class StereoT5(pl.LightningModule):
             self.head: nn.Module = CoarseFineHead(d_model, levels)
         else:
             self.head = SoftmaxHead(d_model, levels, head_chunk if head == "chunked" else None)
+        self.value_embed = ValueEmbedding(levels, d_model) if value_embed else None
         self.align_embed = nn.Embedding(levels + 1, d_model) if align else None
         if self.align_embed is not None:
             nn.init.normal_(self.align_embed.weight, std=1.0)  # the scale T5 gives `shared`
@@ -373,12 +402,19 @@ class StereoT5(pl.LightningModule):
         get_base = getattr(self.t5, "get_base_model", None)
         return get_base() if get_base is not None else self.t5
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding (T5's `shared`) plus, with value_embed, the level as a number."""
+        emb = self.body.shared(tokens)
+        if self.value_embed is not None:
+            emb = emb + self.value_embed(tokens).to(emb.dtype)
+        return emb
+
     def hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder states [B, L, d]: position t has seen labels < t and, with
         align, input token t."""
         body = self.body
-        enc = body.encoder(input_ids=input_ids).last_hidden_state
-        dec_in = body.shared(_shift_right(labels, self.pad_id))
+        enc = body.encoder(inputs_embeds=self.embed(input_ids)).last_hidden_state
+        dec_in = self.embed(_shift_right(labels, self.pad_id))
         if self.align_embed is not None:
             dec_in = dec_in + self.align_embed(input_ids)
         return body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
@@ -441,14 +477,14 @@ class StereoT5(pl.LightningModule):
         try:
             body = self.body
             batch, length = input_ids.shape
-            enc = body.encoder(input_ids=input_ids).last_hidden_state
+            enc = body.encoder(inputs_embeds=self.embed(input_ids)).last_hidden_state
             dec_cfg = body.decoder.config
             cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
             prev = input_ids.new_full((batch,), self.pad_id)
             tokens = input_ids.new_empty((batch, length))
             log_probs = torch.empty((batch, length), device=input_ids.device)
             for t in range(length):
-                emb = body.shared(prev[:, None])
+                emb = self.embed(prev[:, None])
                 if self.align_embed is not None:
                     emb = emb + self.align_embed(input_ids[:, t : t + 1])
                 out = body.decoder(
@@ -651,14 +687,15 @@ class StereoT5(pl.LightningModule):
         return self.t5
 
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights, LoRA merged: keys ``t5.*`` (a T5Model), ``head.*``, ``align_embed.*``."""
+        """Weights, LoRA merged: keys ``t5.*`` (a T5Model), ``head.*``, ``align_embed.*``,
+        ``value_embed.*``."""
         state = {f"t5.{k}": v for k, v in self._plain_body().state_dict().items()}
         state.update(self._head_state())
         return state
 
     def _head_state(self) -> dict[str, torch.Tensor]:
         state = {}
-        for prefix in ("head", "align_embed"):
+        for prefix in ("head", "align_embed", "value_embed"):
             module = getattr(self, prefix)
             if module is not None:
                 state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
@@ -681,8 +718,9 @@ class StereoT5(pl.LightningModule):
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``folder`` (replaced as a whole, never half-written):
         ``config.json`` + ``model.safetensors`` (the T5Model body, LoRA merged),
-        ``heads.safetensors`` (``head.*``, ``align_embed.*``) and ``stereo_t5.json``
-        (format, codec, levels, pad/decoder-start token, head, align, hparams)."""
+        ``heads.safetensors`` (``head.*``, ``align_embed.*``, ``value_embed.*``) and
+        ``stereo_t5.json`` (format, codec, levels, pad/decoder-start token, head, align,
+        hparams)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         heads = {k: v.detach().cpu().contiguous() for k, v in self._head_state().items()}
@@ -764,7 +802,7 @@ class StereoT5(pl.LightningModule):
         trainer.strategy.barrier("stereo_t5_export")
 
 
-_WEIGHT_PARTS = ("t5", "head", "align_embed")
+_WEIGHT_PARTS = ("t5", "head", "align_embed", "value_embed")
 
 
 def _wandb_logger(loggers: list[Any]) -> Any:
