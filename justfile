@@ -7,12 +7,15 @@ python := env_var_or_default("PYTHON", "python")
 default:
     @just --list
 
-# synthetic corpus -> index -> shard -> verify, all under shards/
+# the whole system on a synthetic corpus: synth -> index -> shard -> verify -> train -> evaluate
 demo:
+    rm -rf shards/demo shards/demo-audio runs/tiny
     {{python}} -m pipeline synth shards/demo-audio --tracks 8 --seconds 12 --seed 0
-    {{python}} -m pipeline index shards/demo-audio --out shards/demo/index.json
-    {{python}} -m pipeline shard shards/demo/index.json --chunk-frames 16384 --shard-bytes 8MB
-    {{python}} -m pipeline verify shards/demo --against-source
+    {{python}} -m pipeline index shards/demo-audio --out shards/demo/index.json --quiet
+    {{python}} -m pipeline shard shards/demo/index.json --chunk-frames 16384 --shard-bytes 8MB --quiet
+    {{python}} -m pipeline verify shards/demo --against-source --quiet
+    {{python}} -m trainer fit --config configs/tiny.yaml --trainer.enable_progress_bar false
+    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 8 --no-progress
 
 # scan an audio tree into shards/<ROOT name>/index.json
 index ROOT *ARGS:
