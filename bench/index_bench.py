@@ -81,7 +81,7 @@ def main() -> None:
     print(f"re-index is {t_first / t_again:.1f}x faster than the first index (goal >= 50x)")
     print(
         f"first index is {t_serial / t_first:.2f}x the speed of the serial info loop "
-        "(goal > 1x; the index also decodes each file's last frame and hashes its bytes)"
+        "(goal > 1x; the index also decodes the last frame of every compressed file)"
     )
 
 

@@ -146,3 +146,15 @@ def test_two_process_ddp_on_cpu_finishes_an_epoch_with_equal_steps(shard_dir, tm
     assert run.returncode == 0, run.stderr[-3000:]
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3
+
+
+def test_a_few_steps_train_on_a_merged_partitioned_set(tree, tmp_path):
+    from conftest import SHARD_OPTIONS
+
+    from pipeline.shard import merge_manifests, write_shards
+
+    for part in ("0/2", "1/2"):
+        write_shards(tree.index, tmp_path, partition=part, jobs=1, progress=False, **SHARD_OPTIONS)
+    merge_manifests([tmp_path])
+    trainer, seen = _fit(tmp_path, tmp_path / "run", max_steps=3)
+    assert trainer.global_step == 3 and len(seen) == 3
