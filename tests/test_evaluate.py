@@ -14,6 +14,7 @@ import pytest
 import pytorch_lightning as pl
 import soundfile as sf
 import torch
+from conftest import TINY_MODEL
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
@@ -35,16 +36,7 @@ from trainer.evaluate import evaluate, load_model
 from trainer.model import ModelError, StereoT5
 from trainer.predict import predict
 
-TINY = dict(
-    d_model=32,
-    d_ff=64,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_heads=2,
-    d_kv=16,
-    max_len=256,
-    warmup_steps=1,
-)
+TINY = dict(**TINY_MODEL, max_len=256, warmup_steps=1)
 SEQ = 64  # evaluation/prediction window: generation costs one decoder step per sample
 RATE = 16000  # the fixture shards' rate
 REPORT_KEYS = {

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 from torch.utils.data import DataLoader
 
 from trainer.model import (
@@ -18,16 +19,7 @@ from trainer.model import (
     summarize,
 )
 
-TINY = dict(
-    d_model=32,
-    d_ff=64,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_heads=2,
-    d_kv=16,
-    max_len=64,
-    warmup_steps=0,
-)
+TINY = dict(**TINY_MODEL, max_len=64, warmup_steps=0)
 
 
 def tiny(seed: int = 0, **kwargs) -> StereoT5:

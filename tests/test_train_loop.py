@@ -10,21 +10,13 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from conftest import TINY_MODEL
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from trainer.data import ShardDataModule
 from trainer.model import StereoT5
 
-TINY = dict(
-    d_model=32,
-    d_ff=64,
-    num_layers=1,
-    num_decoder_layers=1,
-    num_heads=2,
-    d_kv=16,
-    head="coarse_fine",
-    warmup_steps=2,
-)
+TINY = dict(**TINY_MODEL, head="coarse_fine", warmup_steps=2)
 
 
 class BatchRecorder(pl.Callback):

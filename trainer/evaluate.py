@@ -813,6 +813,25 @@ def evaluate(
     return report
 
 
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Options `evaluate` and `predict` share: where and how fast the model runs."""
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 is often fastest for small models, "
+        "which decode one sample per step",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def apply_runtime_options(args: argparse.Namespace) -> None:
+    transformers_logging.disable_progress_bar()  # "Loading weights" of an export folder
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer evaluate --ckpt C --shards DIR [--split test] ...`; returns the exit
     code (2 for a user error, printed as one `error:` line)."""
@@ -835,19 +854,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="default: the training window")
     parser.add_argument("--direction", default="l2r", choices=("l2r", "r2l"))
     parser.add_argument("--codec", default=None, help="must match the checkpoint's codec")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's); 1 is often fastest for small models, "
-        "which decode one sample per step",
-    )
-    parser.add_argument("--no-progress", action="store_true")
+    add_runtime_options(parser)
     args = parser.parse_args(argv)
-    transformers_logging.disable_progress_bar()  # "Loading weights" of an export folder
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_runtime_options(args)
     try:
         report = evaluate(
             args.ckpt,

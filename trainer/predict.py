@@ -23,14 +23,19 @@ import numpy as np
 import soundfile as sf
 import torch
 from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
 from pipeline.audio import AudioReader
 from pipeline.codec import Codec, int16_to_pcm16
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_path
 from trainer.data import DIRECTIONS
-from trainer.evaluate import generate_windows, load_model, resolve_seq_len
+from trainer.evaluate import (
+    add_runtime_options,
+    apply_runtime_options,
+    generate_windows,
+    load_model,
+    resolve_seq_len,
+)
 from trainer.model import StereoT5
 
 __all__ = ["main", "predict"]
@@ -193,19 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-rate", type=int, default=None, help="default: the model's")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's); 1 is often fastest for small models, "
-        "which decode one sample per step",
-    )
-    parser.add_argument("--no-progress", action="store_true")
+    add_runtime_options(parser)
     args = parser.parse_args(argv)
-    transformers_logging.disable_progress_bar()  # "Loading weights" of an export folder
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_runtime_options(args)
     try:
         result = predict(
             args.inp,
