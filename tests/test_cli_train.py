@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,14 @@ def test_fit_logs_csv_and_offline_wandb_then_resumes_from_last(shard_dir, tmp_pa
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     metrics = list(tmp_path.rglob("metrics.csv"))
     assert metrics and "val/bits_per_sample" in metrics[0].read_text()
-    last = next(tmp_path.rglob("last.ckpt"))
+    last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
-    main(_args(shard_dir, tmp_path, "--trainer.max_steps", "5", "--ckpt_path", str(last)))
-    assert torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)["global_step"] == 5
+    main(_args(shard_dir, tmp_path, "--trainer.max_steps", "6", "--ckpt_path", "last"))
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+    with open(tmp_path / "csv" / "version_1" / "metrics.csv") as f:
+        steps = {int(row["step"]) for row in csv.DictReader(f)}
+    assert steps == {5}  # validated at step 6 only: it went on from step 3, it did not restart
 
 
 def test_seq_len_above_the_chunk_fails_before_training(shard_dir, tmp_path, capsys):

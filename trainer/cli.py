@@ -37,9 +37,12 @@ class RunCheckpoint(ModelCheckpoint):
     """Checkpoints in `<default_root_dir>/checkpoints`, not in a logger's version folder, so
     `--ckpt_path last` finds the last one whichever logger versions the run."""
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def place(self, trainer: pl.Trainer) -> None:
         if self.dirpath is None:
             self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.place(trainer)
         super().setup(trainer, pl_module, stage)
 
 
@@ -75,7 +78,11 @@ class StereoCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, RunCheckpoint):  # now: `--ckpt_path last` is resolved
+                callback.place(trainer)  # before any callback's setup runs
+        return trainer
 
     def add_arguments_to_parser(self, parser) -> None:
         # one codec and one window length for the data and the model
