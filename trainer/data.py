@@ -19,12 +19,13 @@ with its overlap masked), and every rank gets the same number of batches (fully 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
 import random
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +167,30 @@ def _shard_url(prefix: str, info: ShardInfo) -> str:
     return f"{prefix.rstrip('/')}/{info.path}"
 
 
+@dataclass(frozen=True)
+class ShardSplit:
+    """The shards of one split: their URLs, sample counts (from the manifest), chunk length."""
+
+    urls: list[str]
+    samples: list[int]
+    chunk_frames: int
+
+    def chunks(
+        self, sequence: Iterable[str], first: int, want_meta: bool
+    ) -> Iterator[tuple[np.ndarray, tuple[str, int] | None]]:
+        """Chunks of the shards in `sequence` (URLs of this split, repeats allowed) from chunk
+        number `first` on; the shards wholly before it are skipped unopened."""
+        counts = dict(zip(self.urls, self.samples, strict=True))
+        passed = 0
+        for url in sequence:
+            count = counts[url]
+            if passed + count > first:
+                for chunk, meta in iter_chunks(url, max(0, first - passed), want_meta):
+                    _check_chunk(chunk, url, self.chunk_frames)
+                    yield chunk, meta
+            passed += count
+
+
 # ---------------------------------------------------------------------------------------------
 # Train: deterministic block-shuffled streams
 
@@ -189,9 +214,7 @@ class TrainStream(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
-        samples: list[int],
-        chunk_frames: int,
+        split: ShardSplit,
         seq_len: int,
         batch_size: int,
         direction: str,
@@ -204,17 +227,16 @@ class TrainStream(IterableDataset):
         return_meta: bool = False,
         pack: int = 8,
     ) -> None:
-        self.urls, self.samples = urls, samples
-        self.chunk_frames, self.seq_len, self.batch_size = chunk_frames, seq_len, batch_size
+        self.split, self.chunk_frames = split, split.chunk_frames
+        self.seq_len, self.batch_size = seq_len, batch_size
         self.direction, self.pack = direction, pack
         self.windows_per_chunk = windows_per_chunk
-        nominal = windows_per_chunk or chunk_frames // seq_len
+        nominal = windows_per_chunk or self.chunk_frames // seq_len
         self.block_chunks = max(1, shuffle_buffer // nominal)
         self.seed, self.batches_per_epoch = seed, batches_per_epoch
         self.rank, self.world_size, self.return_meta = rank, world_size, return_meta
         # [epoch, first batch of the epoch still to deliver]; shared with workers (persistent too)
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
-        self._samples_of = dict(zip(urls, samples, strict=True))
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -248,23 +270,14 @@ class TrainStream(IterableDataset):
     def _shard_sequence(self, epoch: int, stream: int) -> Iterator[str]:
         seed = _seed(self.seed, epoch, self.rank, stream)
         shards = wds.ResampledShards(
-            self.urls, seed=seed, worker_seed=lambda: 0, deterministic=True
+            self.split.urls, seed=seed, worker_seed=lambda: 0, deterministic=True
         )
         for item in shards:
             yield item["url"]
 
     def _chunks_from(self, epoch: int, stream: int, first: int) -> Iterator[tuple]:
         """The stream's chunks from chunk number `first`; earlier ones are skipped unread."""
-        passed = 0
-        for url in self._shard_sequence(epoch, stream):
-            count = self._samples_of[url]
-            if passed + count <= first:
-                passed += count
-                continue
-            for chunk, meta in iter_chunks(url, max(0, first - passed), self.return_meta):
-                _check_chunk(chunk, url, self.chunk_frames)
-                yield chunk, meta
-            passed += count
+        return self.split.chunks(self._shard_sequence(epoch, stream), first, self.return_meta)
 
     def batches(self, epoch: int, stream: int, start: int) -> Iterator[dict]:
         """Batches start, start + 1, ... (numbered within the stream) of one stream, endless."""
@@ -355,9 +368,7 @@ class EvalStream(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
-        samples: list[int],
-        chunk_frames: int,
+        split: ShardSplit,
         seq_len: int,
         batch_size: int,
         direction: str,
@@ -366,14 +377,13 @@ class EvalStream(IterableDataset):
         workers: int = 0,
         return_meta: bool = False,
     ) -> None:
-        self.urls, self.samples = urls, samples
-        self.chunk_frames, self.seq_len, self.batch_size = chunk_frames, seq_len, batch_size
+        self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
         self.direction = direction
         self.rank, self.world_size = rank, world_size
         self.slots = max(1, workers)
         self.return_meta = return_meta
-        self.starts, self.mask = eval_windows(chunk_frames, seq_len)
-        total = sum(samples)
+        self.starts, self.mask = eval_windows(split.chunk_frames, seq_len)
+        total = sum(split.samples)
         per_slot = len(self.starts)
         ranks = _even_ranges(total, world_size)
         self.slot_ranges = [_even_ranges(len(r), self.slots) for r in ranks]
@@ -394,19 +404,7 @@ class EvalStream(IterableDataset):
 
     def _samples(self, first: int, count: int) -> Iterator[tuple]:
         """Global samples [first, first + count) in manifest order."""
-        passed = 0
-        for url, n in zip(self.urls, self.samples, strict=True):
-            if passed + n <= first or count <= 0:
-                passed += n
-                continue
-            skip = max(0, first - passed)
-            for chunk, meta in iter_chunks(url, skip, self.return_meta):
-                _check_chunk(chunk, url, self.chunk_frames)
-                yield chunk, meta
-                count -= 1
-                if count == 0:
-                    return
-            passed += n
+        return itertools.islice(self.split.chunks(self.split.urls, first, self.return_meta), count)
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -549,14 +547,18 @@ class ShardDataModule(pl.LightningDataModule):
                 f"of {chunk} frames"
             )
 
-    def _split(self, split: str) -> tuple[list[str], list[int]]:
+    def _split(self, split: str) -> ShardSplit:
         shards = [s for s in self.manifest.shards.get(split, []) if s.samples]
         if not shards:
             raise PipelineError(
                 f"{self.folder}: no {split} shards; re-shard with a non-zero --{split} fraction"
                 + (" or set trainer.limit_val_batches=0" if split == "val" else "")
             )
-        return [_shard_url(self.url_prefix, s) for s in shards], [s.samples for s in shards]
+        return ShardSplit(
+            [_shard_url(self.url_prefix, s) for s in shards],
+            [s.samples for s in shards],
+            self.manifest.config.chunk_frames,
+        )
 
     def _loader_kw(self) -> dict:
         workers = self.hparams.num_workers
@@ -567,18 +569,16 @@ class ShardDataModule(pl.LightningDataModule):
         )
 
     def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainStream:
-        urls, samples = self._split("train")
+        split = self._split("train")
         hp = self.hparams
         if rank is None:
             rank, world_size = _world()
         per_chunk = hp.windows_per_chunk or self.manifest.config.chunk_frames // hp.seq_len
         batches = hp.batches_per_epoch or max(
-            1, sum(samples) * per_chunk // (hp.batch_size * world_size)
+            1, sum(split.samples) * per_chunk // (hp.batch_size * world_size)
         )
         return TrainStream(
-            urls,
-            samples,
-            self.manifest.config.chunk_frames,
+            split,
             hp.seq_len,
             hp.batch_size,
             self.direction,
@@ -607,14 +607,12 @@ class ShardDataModule(pl.LightningDataModule):
     def eval_stream(
         self, split: str, rank: int | None = None, world_size: int | None = None
     ) -> EvalStream:
-        urls, samples = self._split(split)
+        shards = self._split(split)
         hp = self.hparams
         if rank is None:
             rank, world_size = _world()
         return EvalStream(
-            urls,
-            samples,
-            self.manifest.config.chunk_frames,
+            shards,
             hp.seq_len,
             hp.eval_batch_size or hp.batch_size,
             self.direction,

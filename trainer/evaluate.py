@@ -48,7 +48,7 @@ from trainer.baselines import (
     snr_from_energies,
     to_int16,
 )
-from trainer.data import DIRECTIONS, IGNORE, EvalStream, ShardDataModule, tokenize
+from trainer.data import DIRECTIONS, IGNORE, EvalStream, ShardDataModule, ShardSplit, tokenize
 from trainer.model import META_NAME, ModelError, StereoT5
 
 __all__ = [
@@ -285,14 +285,14 @@ def _score(
 ) -> _Scored:
     device = next(model.parameters()).device
     per_chunk, length = len(stream.starts), stream.seq_len
-    total_windows = sum(stream.samples) * per_chunk
+    total_windows = sum(stream.split.samples) * per_chunk
     picks = min(generate, total_windows)
     pick = set(np.linspace(0, total_windows - 1, picks).round().astype(int).tolist())
     nll = tf_signal = tf_error = 0.0
     count = correct = window = chunks = 0
     hist = torch.zeros(codec.levels, dtype=torch.int64)
     flac = FlacCost(0, 0, 0, 0)
-    chunk = np.zeros((2, stream.chunk_frames), np.uint16)
+    chunk = np.zeros((2, stream.split.chunk_frames), np.uint16)
     picked: list[np.ndarray] = []
     picked_meta: list[tuple[str, int]] = []
     int16_of_token = torch.as_tensor(codec.decode_table().astype(np.int64) - 32768)
@@ -330,7 +330,7 @@ def _score(
                     picked_meta.append(tuple(raw["meta"][row]))
                 window += 1
     bar.close()
-    assert count == chunks * stream.chunk_frames, "every frame of every chunk is scored once"
+    assert count == chunks * stream.split.chunk_frames, "every frame of every chunk is scored once"
     return _Scored(
         nll,
         count,
@@ -712,12 +712,10 @@ def evaluate(
         direction=direction,
         return_meta=True,
     )
-    full = data.eval_stream(split, rank=0, world_size=1)
+    full = data.eval_stream(split, rank=0, world_size=1).split
     samples = _limit(full.samples, max_chunks)
     stream = EvalStream(
-        full.urls[: len(samples)],
-        samples,
-        full.chunk_frames,
+        ShardSplit(full.urls[: len(samples)], samples, full.chunk_frames),
         length,
         batch_size,
         direction,
@@ -768,7 +766,7 @@ def evaluate(
         "counts": {
             "shards": len(samples),
             "chunks": scored.chunks,
-            "chunk_frames": stream.chunk_frames,
+            "chunk_frames": stream.split.chunk_frames,
             "windows": scored.windows,
             "samples_scored": scored.count,
             "generated_windows": len(scored.picked),
