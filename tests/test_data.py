@@ -237,3 +237,34 @@ def test_persistent_workers_follow_the_epoch(shard_dir):
         for e in (0, 1)
     ]
     assert _same(first, fresh[0]) and _same(second, fresh[1]) and not _same(first, second)
+
+
+def test_continuation_labels_are_the_frames_right_after_the_input(tree, shard_dir):
+    dm = _module(
+        shard_dir,
+        seq_len=512,
+        task="continuation",
+        target_len=256,
+        return_meta=True,
+        direction="random",
+    )
+    c = get_codec("pcm16")
+    root = AudioIndex.load(tree.index).root
+    for raw in _take(dm.train_stream().batches(0, 0, 0), 4):
+        batch = data_mod.tokenize(raw, c)
+        assert batch["input_ids"].shape == (4, 512) and batch["labels"].shape == (4, 256)
+        for row in range(4):
+            source, start = batch["source"][row], int(batch["start"][row])
+            channel = int(batch["direction"][row])  # l2r continues the left channel
+            frames = int16_to_pcm16(audio.read(f"{root}/{source}", start, 768))[channel]
+            np.testing.assert_array_equal(batch["input_ids"][row].numpy(), frames[:512])
+            np.testing.assert_array_equal(batch["labels"][row].numpy(), frames[512:])
+    val = next(iter(dm.val_dataloader()))
+    assert val["labels"].shape[1] == 256 and val["input_ids"].shape[1] == 512
+
+
+def test_a_task_that_does_not_fit_the_chunk_is_a_clear_error(shard_dir):
+    with pytest.raises(PipelineError, match=r"seq_len 4000 \+ target_len is larger"):
+        _module(shard_dir, seq_len=4000, task="continuation", target_len=200)
+    with pytest.raises(PipelineError, match="task 'denoise"):
+        _module(shard_dir, task="denoise-everything")

@@ -55,14 +55,23 @@ def parse_direction(direction: str) -> str:
     return direction
 
 
+TASKS = ("channel", "continuation")
+
+
 def make_rows(
-    windows: np.ndarray, directions: np.ndarray, codec: Codec
+    windows: np.ndarray, directions: np.ndarray, codec: Codec, split_at: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint16 windows `[B, 2, L]` and directions `[B]` (0: left -> right) -> token ids."""
+    """uint16 windows `[B, 2, N]` and directions `[B]` (0: left, 1: right) -> token ids.
+
+    `channel` (split_at None): input = the direction's source channel, label = the other one,
+    both N frames. `continuation` (split_at = L): one channel (left for l2r), input = its first L
+    frames, label = the N - L frames right after them.
+    """
     rows = np.arange(len(windows))
     inputs = windows[rows, directions]
-    targets = windows[rows, 1 - directions]
-    return codec.encode(inputs), codec.encode(targets)
+    if split_at is None:
+        return codec.encode(inputs), codec.encode(windows[rows, 1 - directions])
+    return codec.encode(inputs[:, :split_at]), codec.encode(inputs[:, split_at:])
 
 
 def to_batch(
@@ -71,10 +80,13 @@ def to_batch(
     codec: Codec,
     mask: np.ndarray | None = None,
     meta: list[tuple[str, int]] | None = None,
+    split_at: int | None = None,
 ) -> dict:
-    """A batch of the structure every loader here yields; `mask` marks label positions kept."""
-    input_ids, labels = make_rows(windows, directions, codec)
+    """A batch of the structure every loader here yields; `mask` marks the window frames scored
+    (of the label part, for continuation)."""
+    input_ids, labels = make_rows(windows, directions, codec, split_at)
     if mask is not None:
+        mask = mask if split_at is None else mask[:, split_at:]
         labels = np.where(mask, labels, IGNORE)
         input_ids = np.where(mask.any(axis=1, keepdims=True), input_ids, codec.levels)
     batch = {
@@ -93,11 +105,12 @@ def raw_batch(
     directions: np.ndarray,
     mask: np.ndarray | None = None,
     meta: list[tuple[str, int]] | None = None,
+    split_at: int | None = None,
 ) -> dict:
     """What a stream yields: uint16 windows, not tokens. From a worker, 64 KB of numpy per batch
     of 8 x 2048 cross processes ~10x faster than int64 tensors (one shared-memory segment per
     tensor); the loader applies the codec in the main process (`tokenize`)."""
-    raw = {"windows": windows, "directions": directions}
+    raw = {"windows": windows, "directions": directions, "split_at": split_at}
     if mask is not None:
         raw["mask"] = mask
     if meta is not None:
@@ -106,7 +119,14 @@ def raw_batch(
 
 
 def tokenize(raw: dict, codec: Codec) -> dict:
-    return to_batch(raw["windows"], raw["directions"], codec, raw.get("mask"), raw.get("meta"))
+    return to_batch(
+        raw["windows"],
+        raw["directions"],
+        codec,
+        raw.get("mask"),
+        raw.get("meta"),
+        raw.get("split_at"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,10 +246,11 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         return_meta: bool = False,
         pack: int = 8,
+        split_at: int | None = None,
     ) -> None:
         self.split, self.chunk_frames = split, split.chunk_frames
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.direction, self.pack = direction, pack
+        self.direction, self.pack, self.split_at = direction, pack, split_at
         self.windows_per_chunk = windows_per_chunk
         nominal = windows_per_chunk or self.chunk_frames // seq_len
         self.block_chunks = max(1, shuffle_buffer // nominal)
@@ -311,7 +332,10 @@ class TrainStream(IterableDataset):
                     meta.append((chunk_meta[0], chunk_meta[1] + s))
                 if len(rows) == self.batch_size:
                     yield raw_batch(
-                        np.stack(rows), np.array(dirs), meta=meta if self.return_meta else None
+                        np.stack(rows),
+                        np.array(dirs),
+                        meta=meta if self.return_meta else None,
+                        split_at=self.split_at,
                     )
                     rows, dirs, meta = [], [], []
             number += 1
@@ -376,9 +400,10 @@ class EvalStream(IterableDataset):
         world_size: int = 1,
         workers: int = 0,
         return_meta: bool = False,
+        split_at: int | None = None,
     ) -> None:
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
-        self.direction = direction
+        self.direction, self.split_at = direction, split_at
         self.rank, self.world_size = rank, world_size
         self.slots = max(1, workers)
         self.return_meta = return_meta
@@ -423,7 +448,8 @@ class EvalStream(IterableDataset):
             if n:
                 windows[:n], mask[:n] = np.stack(rows), np.stack(masks)
             pad_meta = meta + [("", -1)] * (self.batch_size - n) if self.return_meta else None
-            return raw_batch(windows, np.full(self.batch_size, direction), mask, pad_meta)
+            directions = np.full(self.batch_size, direction)
+            return raw_batch(windows, directions, mask, pad_meta, self.split_at)
 
         for chunk, chunk_meta in self._samples(first, len(span)):
             for start, window_mask in zip(self.starts, self.mask, strict=True):
@@ -502,7 +528,10 @@ class ShardDataModule(pl.LightningDataModule):
         manifest: manifest.json of a shard set, or its folder.
         url_prefix: where the shards are (default: the manifest's folder); any URL webdataset
             opens, e.g. `pipe:aws s3 cp s3://bucket/set` (shard paths are appended).
-        seq_len: frames per window (at most the shards' chunk).
+        seq_len: input frames per window (window and target together at most the shards' chunk).
+        task: `channel` (one channel from the other, the original) or `continuation` (the next
+            `target_len` frames of a channel from its previous `seq_len`).
+        target_len: label frames of `continuation` (default: seq_len).
         windows_per_chunk: train windows cut from each chunk (default: all it holds).
         shuffle_buffer: windows permuted together (a block of chunks).
         batches_per_epoch: train batches per epoch and rank (default: the train windows of the
@@ -526,9 +555,16 @@ class ShardDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         return_meta: bool = False,
+        task: str = "channel",
+        target_len: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if task not in TASKS:
+            raise PipelineError(f"task {task!r}: use one of {', '.join(TASKS)}")
+        self.split_at = seq_len if task == "continuation" else None
+        # frames read per window: the input and, for continuation, the frames after it
+        self.window = seq_len + (target_len or seq_len if task == "continuation" else 0)
         path = Path(manifest)
         self.manifest = Manifest.load(path)
         self.folder = path if path.is_dir() else path.parent
@@ -536,15 +572,16 @@ class ShardDataModule(pl.LightningDataModule):
         self.direction = parse_direction(direction)
         get_codec(codec)
         chunk = self.manifest.config.chunk_frames
-        if seq_len > chunk:
+        if self.window > chunk:
             raise PipelineError(
-                f"seq_len {seq_len} is larger than the shards' chunk ({chunk} frames, "
-                f"{self.folder}); lower seq_len or re-shard with --chunk-frames {seq_len}"
+                f"seq_len {seq_len}{' + target_len' if self.split_at else ''} is larger than "
+                f"the shards' chunk ({chunk} frames, {self.folder}); lower it or re-shard with "
+                f"--chunk-frames {self.window}"
             )
-        if windows_per_chunk is not None and not 0 < windows_per_chunk * seq_len <= chunk:
+        if windows_per_chunk is not None and not 0 < windows_per_chunk * self.window <= chunk:
             raise PipelineError(
-                f"windows_per_chunk {windows_per_chunk} x seq_len {seq_len} must fit in a chunk "
-                f"of {chunk} frames"
+                f"windows_per_chunk {windows_per_chunk} x {self.window} frames must fit in a "
+                f"chunk of {chunk} frames"
             )
 
     def _split(self, split: str) -> ShardSplit:
@@ -573,13 +610,13 @@ class ShardDataModule(pl.LightningDataModule):
         hp = self.hparams
         if rank is None:
             rank, world_size = _world()
-        per_chunk = hp.windows_per_chunk or self.manifest.config.chunk_frames // hp.seq_len
+        per_chunk = hp.windows_per_chunk or self.manifest.config.chunk_frames // self.window
         batches = hp.batches_per_epoch or max(
             1, sum(split.samples) * per_chunk // (hp.batch_size * world_size)
         )
         return TrainStream(
             split,
-            hp.seq_len,
+            self.window,
             hp.batch_size,
             self.direction,
             hp.windows_per_chunk,
@@ -589,6 +626,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank,
             world_size,
             hp.return_meta,
+            split_at=self.split_at,
         )
 
     def _where(self) -> tuple[int, int]:
@@ -613,13 +651,14 @@ class ShardDataModule(pl.LightningDataModule):
             rank, world_size = _world()
         return EvalStream(
             shards,
-            hp.seq_len,
+            self.window,
             hp.eval_batch_size or hp.batch_size,
             self.direction,
             rank,
             world_size,
             hp.num_workers,
             hp.return_meta,
+            split_at=self.split_at,
         )
 
     def val_dataloader(self) -> DataLoader:
