@@ -116,3 +116,47 @@ def test_the_continuation_config_trains_a_few_steps(shard_dir, tmp_path):
     assert (
         torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     )
+
+
+@pytest.mark.parametrize("task", ["denoise", "bitdepth", "codec"])
+def test_every_task_config_trains_a_few_steps(shard_dir, tmp_path, task):
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / f"tiny_{task}.yaml"),
+            "--data.init_args.manifest",
+            str(shard_dir),
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.batches_per_epoch",
+            "4",
+            "--data.init_args.batch_size",
+            "4",
+            "--model.d_model",
+            "32",
+            "--model.d_ff",
+            "64",
+            "--model.num_heads",
+            "2",
+            "--model.num_layers",
+            "1",
+            "--model.num_decoder_layers",
+            "1",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    )

@@ -39,8 +39,10 @@ from pipeline.audio import AudioReader, is_audio_path
 from pipeline.codec import Codec, get_codec, int16_to_pcm16
 from pipeline.errors import PipelineError
 from pipeline.records import SPLITS, Manifest, ShardInfo, load_json
+from trainer.tasks import Task
 
 DIRECTIONS = {"l2r": 0, "r2l": 1}
+CHANNEL = Task("channel")
 IGNORE = -100
 SHIFTED_CHUNKS = 0.25  # train chunks whose windows start anywhere in [0, L), see TrainStream
 # Samples decoded from shards in this process (tests count that resume skips without decoding).
@@ -55,38 +57,18 @@ def parse_direction(direction: str) -> str:
     return direction
 
 
-TASKS = ("channel", "continuation")
-
-
-def make_rows(
-    windows: np.ndarray, directions: np.ndarray, codec: Codec, split_at: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """uint16 windows `[B, 2, N]` and directions `[B]` (0: left, 1: right) -> token ids.
-
-    `channel` (split_at None): input = the direction's source channel, label = the other one,
-    both N frames. `continuation` (split_at = L): one channel (left for l2r), input = its first L
-    frames, label = the N - L frames right after them.
-    """
-    rows = np.arange(len(windows))
-    inputs = windows[rows, directions]
-    if split_at is None:
-        return codec.encode(inputs), codec.encode(windows[rows, 1 - directions])
-    return codec.encode(inputs[:, :split_at]), codec.encode(inputs[:, split_at:])
-
-
 def to_batch(
-    windows: np.ndarray,
+    inputs: np.ndarray,
+    targets: np.ndarray,
     directions: np.ndarray,
     codec: Codec,
     mask: np.ndarray | None = None,
     meta: list[tuple[str, int]] | None = None,
-    split_at: int | None = None,
 ) -> dict:
-    """A batch of the structure every loader here yields; `mask` marks the window frames scored
-    (of the label part, for continuation)."""
-    input_ids, labels = make_rows(windows, directions, codec, split_at)
+    """A batch of the structure every loader here yields, from uint16 inputs `[B, L]` and
+    targets `[B, T]`; `mask` `[B, T]` marks the label positions scored."""
+    input_ids, labels = codec.encode(inputs), codec.encode(targets)
     if mask is not None:
-        mask = mask if split_at is None else mask[:, split_at:]
         labels = np.where(mask, labels, IGNORE)
         input_ids = np.where(mask.any(axis=1, keepdims=True), input_ids, codec.levels)
     batch = {
@@ -101,16 +83,16 @@ def to_batch(
 
 
 def raw_batch(
-    windows: np.ndarray,
+    inputs: np.ndarray,
+    targets: np.ndarray,
     directions: np.ndarray,
     mask: np.ndarray | None = None,
     meta: list[tuple[str, int]] | None = None,
-    split_at: int | None = None,
 ) -> dict:
-    """What a stream yields: uint16 windows, not tokens. From a worker, 64 KB of numpy per batch
-    of 8 x 2048 cross processes ~10x faster than int64 tensors (one shared-memory segment per
-    tensor); the loader applies the codec in the main process (`tokenize`)."""
-    raw = {"windows": windows, "directions": directions, "split_at": split_at}
+    """What a stream yields: uint16 inputs and targets, not tokens. From a worker, 64 KB of
+    numpy per batch of 8 x 2048 cross processes ~10x faster than int64 tensors (one
+    shared-memory segment per tensor); the loader applies the codec in the main process."""
+    raw = {"inputs": inputs, "targets": targets, "directions": directions}
     if mask is not None:
         raw["mask"] = mask
     if meta is not None:
@@ -120,12 +102,7 @@ def raw_batch(
 
 def tokenize(raw: dict, codec: Codec) -> dict:
     return to_batch(
-        raw["windows"],
-        raw["directions"],
-        codec,
-        raw.get("mask"),
-        raw.get("meta"),
-        raw.get("split_at"),
+        raw["inputs"], raw["targets"], raw["directions"], codec, raw.get("mask"), raw.get("meta")
     )
 
 
@@ -227,6 +204,7 @@ class _Block:
     counts: np.ndarray  # [chunks] windows in each chunk
     order: np.ndarray  # [windows] -> index into the block's windows (chunk-major)
     directions: np.ndarray  # [windows] in output order
+    seeds: np.ndarray  # [windows] in output order: each window's own RNG seed (tasks)
 
 
 class TrainStream(IterableDataset):
@@ -246,11 +224,12 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         return_meta: bool = False,
         pack: int = 8,
-        split_at: int | None = None,
+        task: Task | None = None,
     ) -> None:
         self.split, self.chunk_frames = split, split.chunk_frames
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.direction, self.pack, self.split_at = direction, pack, split_at
+        self.direction, self.pack = direction, pack
+        self.task = task or Task("channel", seq_len)
         self.windows_per_chunk = windows_per_chunk
         nominal = windows_per_chunk or self.chunk_frames // seq_len
         self.block_chunks = max(1, shuffle_buffer // nominal)
@@ -286,7 +265,8 @@ class TrainStream(IterableDataset):
             directions = rng.integers(0, 2, size=len(order))
         else:
             directions = np.full(len(order), DIRECTIONS[self.direction])
-        return _Block(offsets, counts, order, directions)
+        seeds = rng.integers(0, 2**63, size=len(order))
+        return _Block(offsets, counts, order, directions, seeds)
 
     def _shard_sequence(self, epoch: int, stream: int) -> Iterator[str]:
         seed = _seed(self.seed, epoch, self.rank, stream)
@@ -314,6 +294,7 @@ class TrainStream(IterableDataset):
         position = first_window - block_start_window
         rows: list[np.ndarray] = []
         dirs: list[int] = []
+        seeds: list[int] = []
         meta: list[tuple[str, int]] = []
         while True:
             data = [next(chunks) for _ in range(self.block_chunks)]
@@ -328,16 +309,16 @@ class TrainStream(IterableDataset):
                 s = int(starts[window])
                 rows.append(chunk[:, s : s + self.seq_len])
                 dirs.append(int(block.directions[w]))
+                seeds.append(int(block.seeds[w]))
                 if self.return_meta:
                     meta.append((chunk_meta[0], chunk_meta[1] + s))
                 if len(rows) == self.batch_size:
+                    directions = np.array(dirs)
+                    inputs, targets = self.task.pairs(np.stack(rows), directions, np.array(seeds))
                     yield raw_batch(
-                        np.stack(rows),
-                        np.array(dirs),
-                        meta=meta if self.return_meta else None,
-                        split_at=self.split_at,
+                        inputs, targets, directions, meta=meta if self.return_meta else None
                     )
-                    rows, dirs, meta = [], [], []
+                    rows, dirs, seeds, meta = [], [], [], []
             number += 1
             position = 0
             block = self._block(epoch, stream, number)
@@ -400,10 +381,11 @@ class EvalStream(IterableDataset):
         world_size: int = 1,
         workers: int = 0,
         return_meta: bool = False,
-        split_at: int | None = None,
+        task: Task | None = None,
     ) -> None:
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
-        self.direction, self.split_at = direction, split_at
+        self.direction = direction
+        self.task = task or Task("channel", seq_len)
         self.rank, self.world_size = rank, world_size
         self.slots = max(1, workers)
         self.return_meta = return_meta
@@ -438,31 +420,35 @@ class EvalStream(IterableDataset):
             raise PipelineError("EvalStream was built for another number of workers")
         span = self.slot_ranges[self.rank][slot]
         first = self.rank_ranges[self.rank].start + span.start
-        rows, masks, meta = [], [], []
+        rows, masks, seeds, meta = [], [], [], []
         direction = DIRECTIONS.get(self.direction, 0)  # `random` evaluates left -> right
+        split_at = self.task.split_at or 0  # the label part of a window is what is scored
 
         def flush() -> dict:
             n = len(rows)
             windows = np.zeros((self.batch_size, 2, self.seq_len), np.uint16)
             mask = np.zeros((self.batch_size, self.seq_len), dtype=bool)
+            seed = np.zeros(self.batch_size, dtype=np.int64)
             if n:
-                windows[:n], mask[:n] = np.stack(rows), np.stack(masks)
+                windows[:n], mask[:n], seed[:n] = np.stack(rows), np.stack(masks), seeds
             pad_meta = meta + [("", -1)] * (self.batch_size - n) if self.return_meta else None
             directions = np.full(self.batch_size, direction)
-            return raw_batch(windows, directions, mask, pad_meta, self.split_at)
+            inputs, targets = self.task.pairs(windows, directions, seed)
+            return raw_batch(inputs, targets, directions, mask[:, split_at:], pad_meta)
 
-        for chunk, chunk_meta in self._samples(first, len(span)):
-            for start, window_mask in zip(self.starts, self.mask, strict=True):
+        for sample, (chunk, chunk_meta) in enumerate(self._samples(first, len(span)), first):
+            for number, (start, window_mask) in enumerate(zip(self.starts, self.mask, strict=True)):
                 rows.append(chunk[:, start : start + self.seq_len])
                 masks.append(window_mask)
+                seeds.append(sample * len(self.starts) + number)  # the same on every run
                 if self.return_meta:
                     meta.append((chunk_meta[0], chunk_meta[1] + int(start)))
                 if len(rows) == self.batch_size:
                     yield flush()
-                    rows, masks, meta = [], [], []
+                    rows, masks, seeds, meta = [], [], [], []
         if rows:
             yield flush()
-            rows, masks, meta = [], [], []
+            rows, masks, seeds, meta = [], [], [], []
         for _ in range(self.padding[slot]):
             yield flush()
 
@@ -557,14 +543,14 @@ class ShardDataModule(pl.LightningDataModule):
         return_meta: bool = False,
         task: str = "channel",
         target_len: int | None = None,
+        snr_db: tuple[float, float] = (0.0, 30.0),
+        bits: tuple[int, int] = (4, 12),
+        cutoff: tuple[float, float] = (0.1, 0.5),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if task not in TASKS:
-            raise PipelineError(f"task {task!r}: use one of {', '.join(TASKS)}")
-        self.split_at = seq_len if task == "continuation" else None
-        # frames read per window: the input and, for continuation, the frames after it
-        self.window = seq_len + (target_len or seq_len if task == "continuation" else 0)
+        self.task = Task(task, seq_len, target_len, tuple(snr_db), tuple(bits), tuple(cutoff))
+        self.window = self.task.window  # frames read per window
         path = Path(manifest)
         self.manifest = Manifest.load(path)
         self.folder = path if path.is_dir() else path.parent
@@ -574,7 +560,7 @@ class ShardDataModule(pl.LightningDataModule):
         chunk = self.manifest.config.chunk_frames
         if self.window > chunk:
             raise PipelineError(
-                f"seq_len {seq_len}{' + target_len' if self.split_at else ''} is larger than "
+                f"seq_len {seq_len}{' + target_len' if self.task.split_at else ''} is larger than "
                 f"the shards' chunk ({chunk} frames, {self.folder}); lower it or re-shard with "
                 f"--chunk-frames {self.window}"
             )
@@ -626,7 +612,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank,
             world_size,
             hp.return_meta,
-            split_at=self.split_at,
+            task=self.task,
         )
 
     def _where(self) -> tuple[int, int]:
@@ -658,7 +644,7 @@ class ShardDataModule(pl.LightningDataModule):
             world_size,
             hp.num_workers,
             hp.return_meta,
-            split_at=self.split_at,
+            task=self.task,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -708,7 +694,8 @@ class StereoWavChunkDataset(Dataset):
             window = int16_to_pcm16(reader.read(start, self.seq_len))
         fixed = DIRECTIONS.get(self.direction)
         direction = rng.randrange(2) if fixed is None else fixed
-        batch = to_batch(window[None], np.array([direction]), self.codec)
+        directions = np.array([direction])
+        batch = to_batch(*CHANNEL.pairs(window[None], directions), directions, self.codec)
         return {k: v[0] for k, v in batch.items()}
 
 

@@ -313,8 +313,11 @@ def _score(
             correct += int(scored["correct"])
             hist += torch.bincount(labels[keep], minlength=codec.levels)
             # teacher-forced argmax against the original int16 target (not its codec round trip)
-            windows = raw["windows"]
-            target = torch.from_numpy(pcm16_to_int16(windows[:, 1 - direction])).double()
+            # the channel task's stereo windows again: input channel `direction`, target other
+            windows = np.stack([raw["inputs"], raw["targets"]], axis=1)[
+                :, [direction, 1 - direction]
+            ]
+            target = torch.from_numpy(pcm16_to_int16(raw["targets"])).double()
             pred = int16_of_token[scored["pred"].cpu()].double()
             tf_signal += float(torch.where(keep, target.square(), 0.0).sum())
             tf_error += float(torch.where(keep, (target - pred).square(), 0.0).sum())
