@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.codec import get_codec, int16_to_pcm16, pcm16_to_int16
 from pipeline.errors import PipelineError
+from trainer.augment import Augment, change_speed
 from trainer.data import ShardDataModule
 from trainer.tasks import Task
 
@@ -93,3 +94,59 @@ def test_the_loader_delivers_each_task_deterministically(shard_dir, name):
     assert all(
         np.array_equal(x["input_ids"], y["input_ids"]) for x, y in zip(val, again, strict=True)
     )
+
+
+def test_augmentations_repeat_under_a_seed_and_differ_under_another():
+    aug = Augment(gain_p=1, polarity_p=0.5, swap_p=0.5, noise_p=1, speed_p=1)
+    windows = _windows(seed=3)
+    read = aug.read_frames(L - 512)
+    a = aug(windows[:, :, :read], np.array([1, 2, 3, 4]), L - 512)
+    b = aug(windows[:, :, :read], np.array([1, 2, 3, 4]), L - 512)
+    c = aug(windows[:, :, :read], np.array([9, 8, 7, 6]), L - 512)
+    assert a.shape == (4, 2, L - 512)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_gain_never_wraps_int16():
+    loud = np.full((2, 1000), 30000, np.int16)
+    loud[:, ::2] = -30000
+    out = Augment(gain_p=1, gain_db=(12.0, 12.0)).one(loud, np.random.default_rng(0), 1000)
+    assert out.max() <= 32767 and out.min() >= -32768
+    assert np.all(np.sign(out) == np.sign(loud))  # clipped to full scale, never wrapped
+    assert np.abs(out).max() == 32767
+
+
+def test_speed_changes_the_length_by_the_factor_before_cropping():
+    x = np.random.default_rng(0).standard_normal((2, 48000))
+    for factor in (0.8, 1.25):
+        assert abs(change_speed(x, factor).shape[1] - 48000 / factor) <= 1
+    aug = Augment(speed_p=1, speed=(1.1, 1.1))
+    assert aug.read_frames(1000) >= 1100
+    out = aug.one(np.zeros((2, aug.read_frames(1000)), np.int16), np.random.default_rng(0), 1000)
+    assert out.shape == (2, 1000)
+
+
+def test_polarity_and_swap_are_exact():
+    x = pcm16_to_int16(_windows(1)[0])
+    flip = Augment(polarity_p=1).one(x, np.random.default_rng(0), L)
+    np.testing.assert_array_equal(flip, np.clip(-x.astype(np.int32), -32768, 32767))
+    swap = Augment(swap_p=1).one(x, np.random.default_rng(0), L)
+    np.testing.assert_array_equal(swap, x[::-1])
+
+
+def test_the_loader_augments_train_only(shard_dir):
+    plain = ShardDataModule(str(shard_dir), seq_len=1024, batch_size=4, num_workers=0)
+    noisy = ShardDataModule(
+        str(shard_dir),
+        seq_len=1024,
+        batch_size=4,
+        num_workers=0,
+        augment={"noise_p": 1.0, "speed_p": 0.5, "speed": [0.9, 1.1]},
+    )
+    assert noisy.window == Augment(speed_p=0.5).read_frames(1024)
+    a = next(iter(noisy.train_stream().batches(0, 0, 0)))
+    assert a["inputs"].shape == (4, 1024)
+    clean_val = next(iter(plain.val_dataloader()))
+    noisy_val = next(iter(noisy.val_dataloader()))
+    assert np.array_equal(clean_val["input_ids"], noisy_val["input_ids"])

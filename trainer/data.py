@@ -39,6 +39,7 @@ from pipeline.audio import AudioReader, is_audio_path
 from pipeline.codec import Codec, get_codec, int16_to_pcm16
 from pipeline.errors import PipelineError
 from pipeline.records import SPLITS, Manifest, ShardInfo, load_json
+from trainer.augment import Augment
 from trainer.tasks import Task
 
 DIRECTIONS = {"l2r": 0, "r2l": 1}
@@ -225,11 +226,13 @@ class TrainStream(IterableDataset):
         return_meta: bool = False,
         pack: int = 8,
         task: Task | None = None,
+        augment: Augment | None = None,
     ) -> None:
         self.split, self.chunk_frames = split, split.chunk_frames
         self.seq_len, self.batch_size = seq_len, batch_size
         self.direction, self.pack = direction, pack
         self.task = task or Task("channel", seq_len)
+        self.augment = augment if augment is not None and augment.active else None
         self.windows_per_chunk = windows_per_chunk
         nominal = windows_per_chunk or self.chunk_frames // seq_len
         self.block_chunks = max(1, shuffle_buffer // nominal)
@@ -313,8 +316,10 @@ class TrainStream(IterableDataset):
                 if self.return_meta:
                     meta.append((chunk_meta[0], chunk_meta[1] + s))
                 if len(rows) == self.batch_size:
-                    directions = np.array(dirs)
-                    inputs, targets = self.task.pairs(np.stack(rows), directions, np.array(seeds))
+                    directions, windows = np.array(dirs), np.stack(rows)
+                    if self.augment is not None:
+                        windows = self.augment(windows, seeds, self.task.window)
+                    inputs, targets = self.task.pairs(windows, directions, np.array(seeds))
                     yield raw_batch(
                         inputs, targets, directions, meta=meta if self.return_meta else None
                     )
@@ -546,11 +551,19 @@ class ShardDataModule(pl.LightningDataModule):
         snr_db: tuple[float, float] = (0.0, 30.0),
         bits: tuple[int, int] = (4, 12),
         cutoff: tuple[float, float] = (0.1, 0.5),
+        augment: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.task = Task(task, seq_len, target_len, tuple(snr_db), tuple(bits), tuple(cutoff))
-        self.window = self.task.window  # frames read per window
+        try:
+            self.augment = Augment(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in (augment or {}).items()}
+            )
+        except TypeError as exc:
+            raise PipelineError(f"augment {augment}: {exc}; see trainer/augment.py") from None
+        # frames read per window: the task's, and more when a speed-up must still fill it
+        self.window = self.augment.read_frames(self.task.window)
         path = Path(manifest)
         self.manifest = Manifest.load(path)
         self.folder = path if path.is_dir() else path.parent
@@ -613,6 +626,7 @@ class ShardDataModule(pl.LightningDataModule):
             world_size,
             hp.return_meta,
             task=self.task,
+            augment=self.augment,
         )
 
     def _where(self) -> tuple[int, int]:
@@ -637,7 +651,7 @@ class ShardDataModule(pl.LightningDataModule):
             rank, world_size = _world()
         return EvalStream(
             shards,
-            self.window,
+            self.task.window,  # evaluation never augments
             hp.eval_batch_size or hp.batch_size,
             self.direction,
             rank,
