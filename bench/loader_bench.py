@@ -159,6 +159,31 @@ def main() -> None:
                 f"  resume: first batch after skipping 1000 batches {skip:.3f} s "
                 f"(first batch of a fresh epoch {first:.3f} s)"
             )
+        task_rates(root / "shards", args.batches // 3)
+
+
+def task_rates(folder: Path, batches: int) -> None:
+    """Tokens/s of every task, and of the channel task with every augmentation, at L = 2048."""
+    print("tasks and augmentation (0 workers, L=2048, batch 8), as ratios to the channel task:")
+    every = {"gain_p": 0.5, "polarity_p": 0.5, "swap_p": 0.5, "noise_p": 0.5, "speed_p": 0.5}
+    rows = [
+        (task, {"task": task})
+        for task in ("channel", "continuation", "denoise", "bitdepth", "codec")
+    ]
+    rows.append(("channel + all augmentations", {"augment": every}))
+    base = None
+    for name, options in rows:
+        dm = ShardDataModule(
+            str(folder),
+            seq_len=2048,
+            batch_size=BATCH,
+            num_workers=0,
+            batches_per_epoch=10**6,
+            **options,
+        )
+        value = rate(dm.train_dataloader(), batches, BATCH * 2048)
+        base = base or value
+        print(f"  {name:<30}{value / 1e6:>8.1f} M tokens/s {value / base:>6.2f}x")
 
 
 if __name__ == "__main__":
