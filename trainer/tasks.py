@@ -71,25 +71,27 @@ class Task:
         if self.name == "continuation":
             return source[:, : self.seq_len], source[:, self.seq_len :]
         clean = pcm16_to_int16(source).astype(np.float64)
-        degraded = np.stack(
-            [
-                self._degrade(x, np.random.default_rng(int(s)))
-                for x, s in zip(clean, seeds, strict=True)
-            ]
-        )
-        return int16_to_pcm16(_to_int16(degraded)), source
+        # One generator per batch, seeded by its windows' seeds: as reproducible as one per
+        # window, and every draw is vectorized over the batch.
+        rng = np.random.default_rng([int(seed) for seed in seeds])
+        return int16_to_pcm16(_to_int16(self._degrade(clean, rng))), source
 
     def _degrade(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """float64 int16-scaled `[B, N]` -> the degraded input of the task."""
+        rows, frames = x.shape
         if self.name == "denoise":
-            snr = rng.uniform(*self.snr_db)
-            power = max(float(np.mean(x * x)), 1.0)
-            return x + rng.standard_normal(len(x)) * np.sqrt(power / 10 ** (snr / 10))
+            snr = rng.uniform(*self.snr_db, size=rows)
+            power = np.maximum(np.mean(x * x, axis=1), 1.0)
+            noise = rng.standard_normal((rows, frames), dtype=np.float32)
+            return x + noise * np.sqrt(power / 10 ** (snr / 10))[:, None]
         if self.name == "bitdepth":
-            step = 2.0 ** (16 - int(rng.integers(self.bits[0], self.bits[1], endpoint=True)))
+            bits = rng.integers(self.bits[0], self.bits[1], size=rows, endpoint=True)
+            step = (2.0 ** (16 - bits))[:, None]
             return np.round(x / step) * step
-        spectrum = np.fft.rfft(x)
-        spectrum[int(rng.uniform(*self.cutoff) * len(spectrum)) :] = 0
-        lowpassed = int16_to_pcm16(_to_int16(np.fft.irfft(spectrum, len(x))))
+        spectrum = np.fft.rfft(x, axis=1)
+        cut = (rng.uniform(*self.cutoff, size=rows) * spectrum.shape[1]).astype(np.int64)
+        spectrum[np.arange(spectrum.shape[1])[None, :] >= cut[:, None]] = 0
+        lowpassed = int16_to_pcm16(_to_int16(np.fft.irfft(spectrum, frames, axis=1)))
         mulaw = get_codec("mulaw8")
         return pcm16_to_int16(mulaw.decode(mulaw.encode(lowpassed))).astype(np.float64)
 
