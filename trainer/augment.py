@@ -8,8 +8,9 @@ run is reproducible and resumable. Works on uint16 windows `[B, 2, N]` (int16 + 
 - polarity: both channels inverted (the mix sounds the same, the sample values do not);
 - swap: left and right exchanged (a mirrored mix, so both directions see both sides);
 - noise: white noise on both channels at a random SNR in `noise_snr_db`;
-- speed: resampled by a random factor in `speed` (pitch and tempo together, soxr); the loader
-  reads `read_frames(N)` frames so that a speed-up still fills N after cropping.
+- speed: resampled by a random factor in `speed`, one factor per batch (pitch and tempo
+  together, soxr); the loader reads `read_frames(N)` frames so that a speed-up still fills N
+  after cropping.
 """
 
 from __future__ import annotations
@@ -43,40 +44,47 @@ class Augment:
         return math.ceil(frames * self.speed[1]) + 1 if self.speed_p else frames
 
     def __call__(self, windows: np.ndarray, seeds: np.ndarray, frames: int) -> np.ndarray:
-        """uint16 `[B, 2, M]` -> augmented uint16 `[B, 2, frames]` (M = read_frames(frames))."""
-        out = np.empty((len(windows), 2, frames), np.uint16)
-        for row, (window, seed) in enumerate(zip(windows, seeds, strict=True)):
-            rng = np.random.default_rng([int(seed), 1])  # apart from the task's own draws
-            out[row] = int16_to_pcm16(self.one(pcm16_to_int16(window), rng, frames))
-        return out
+        """uint16 `[B, 2, M]` -> augmented uint16 `[B, 2, frames]` (M = read_frames(frames)).
+
+        One generator per batch, seeded by its windows' seeds (apart from the task's draws):
+        as reproducible as one per window, and every draw is vectorized over the batch.
+        """
+        rng = np.random.default_rng([1, *(int(seed) for seed in seeds)])
+        return int16_to_pcm16(self.batch(pcm16_to_int16(windows), rng, frames))
 
     def one(self, x: np.ndarray, rng: np.random.Generator, frames: int) -> np.ndarray:
         """int16 `[2, M]` -> int16 `[2, frames]`."""
-        y = x.astype(np.float64)
-        draws = rng.random(5)  # one per augmentation, drawn whether it fires or not
-        if draws[0] < self.speed_p:
-            y = change_speed(y, rng.uniform(*self.speed))
-        y = y[:, :frames]
-        if draws[1] < self.gain_p:
-            y = y * safe_gain(y, rng.uniform(*self.gain_db))
-        if draws[2] < self.polarity_p:
-            y = -y
-        if draws[3] < self.swap_p:
-            y = y[::-1]
-        if draws[4] < self.noise_p:
-            power = max(float(np.mean(y * y)), 1.0)
-            snr = rng.uniform(*self.noise_snr_db)
-            y = y + rng.standard_normal(y.shape) * math.sqrt(power / 10 ** (snr / 10))
+        return self.batch(x[None], rng, frames)[0]
+
+    def batch(self, x: np.ndarray, rng: np.random.Generator, frames: int) -> np.ndarray:
+        """int16 `[B, 2, M]` -> int16 `[B, 2, frames]`."""
+        rows = len(x)
+        draws = rng.random((rows, 5))  # one per augmentation, drawn whether it fires or not
+        y = x[:, :, :frames].astype(np.float32)
+        faster = draws[:, 0] < self.speed_p
+        if faster.any():
+            # One factor per batch: the chosen windows go through soxr as the channels of one
+            # signal (a soxr call designs its filter anew for each ratio: ~0.5 ms).
+            chosen = x[faster].astype(np.float32)
+            changed = change_speed(chosen.reshape(-1, chosen.shape[-1]), rng.uniform(*self.speed))
+            y[faster] = changed.reshape(len(chosen), 2, -1)[:, :, :frames]
+        gains = rng.uniform(*self.gain_db, size=rows)
+        chosen = draws[:, 1] < self.gain_p
+        if chosen.any():
+            peaks = np.maximum(np.abs(y[chosen]).max(axis=(1, 2)), 1.0)
+            y[chosen] *= np.minimum(10 ** (gains[chosen] / 20), 32767 / peaks)[:, None, None]
+        y[draws[:, 2] < self.polarity_p] *= -1
+        swap = draws[:, 3] < self.swap_p
+        y[swap] = y[swap][:, ::-1]
+        snr = rng.uniform(*self.noise_snr_db, size=rows)
+        noisy = draws[:, 4] < self.noise_p
+        if noisy.any():
+            power = np.maximum(np.mean(y[noisy] ** 2, axis=(1, 2)), 1.0)
+            scale = np.sqrt(power / 10 ** (snr[noisy] / 10))[:, None, None]
+            y[noisy] += rng.standard_normal(y[noisy].shape, dtype=np.float32) * scale
         return np.clip(np.rint(y), -32768, 32767).astype(np.int16)
 
 
-def safe_gain(x: np.ndarray, db: float) -> float:
-    """10^(db/20), lowered so that the peak of x stays within int16."""
-    peak = float(np.abs(x).max()) if x.size else 0.0
-    gain = 10 ** (db / 20)
-    return min(gain, 32767 / peak) if peak > 0 else gain
-
-
 def change_speed(x: np.ndarray, factor: float) -> np.ndarray:
-    """`[2, M]` played `factor` times faster: about M / factor frames (soxr, high quality)."""
+    """`[C, M]` played `factor` times faster: about M / factor frames (soxr, high quality)."""
     return soxr.resample(x.T, factor * 48000, 48000, quality="HQ").T
