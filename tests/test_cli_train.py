@@ -13,41 +13,26 @@ from trainer.cli import main
 REPO = Path(__file__).parent.parent
 
 
-def _args(shard_dir, root: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--config",
-        str(REPO / "configs" / "tiny.yaml"),
-        "--data.init_args.manifest",
-        str(shard_dir),
-        "--data.init_args.num_workers",
-        "0",
-        "--data.init_args.batches_per_epoch",
-        "4",
-        "--data.init_args.seq_len",
-        "256",
-        "--model.d_model",
-        "32",
-        "--model.d_ff",
-        "64",
-        "--model.num_heads",
-        "2",
-        "--model.num_layers",
-        "1",
-        "--model.num_decoder_layers",
-        "1",
-        "--trainer.max_steps",
-        "3",
-        "--trainer.val_check_interval",
-        "3",
-        "--trainer.limit_val_batches",
-        "2",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
+def _args(shard_dir, root: Path, *extra: str, config: str = "tiny") -> list[str]:
+    """A tiny body on the fixture shards, 3 steps; `extra` overrides any of it."""
+    options = {
+        "--config": str(REPO / "configs" / f"{config}.yaml"),
+        "--data.init_args.manifest": str(shard_dir),
+        "--data.init_args.num_workers": "0",
+        "--data.init_args.batches_per_epoch": "4",
+        "--data.init_args.seq_len": "256",
+        "--model.d_model": "32",
+        "--model.d_ff": "64",
+        "--model.num_heads": "2",
+        "--model.num_layers": "1",
+        "--model.num_decoder_layers": "1",
+        "--trainer.max_steps": "3",
+        "--trainer.val_check_interval": "3",
+        "--trainer.limit_val_batches": "2",
+        "--trainer.default_root_dir": str(root),
+        "--trainer.enable_progress_bar": "false",
+    }
+    return ["fit", *(item for pair in options.items() for item in pair), *extra]
 
 
 def test_fit_logs_csv_and_offline_wandb_then_resumes_from_last(shard_dir, tmp_path, monkeypatch):
@@ -75,88 +60,18 @@ def test_seq_len_above_the_chunk_fails_before_training(shard_dir, tmp_path, caps
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_the_continuation_config_trains_a_few_steps(shard_dir, tmp_path):
-    main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "tiny_continuation.yaml"),
-            "--data.init_args.manifest",
-            str(shard_dir),
-            "--data.init_args.num_workers",
-            "0",
-            "--data.init_args.batches_per_epoch",
-            "4",
-            "--data.init_args.seq_len",
-            "256",
-            "--model.d_model",
-            "32",
-            "--model.d_ff",
-            "64",
-            "--model.num_heads",
-            "2",
-            "--model.num_layers",
-            "1",
-            "--model.num_decoder_layers",
-            "1",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger",
-            "false",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
-    assert (
-        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    )
-
-
-@pytest.mark.parametrize("task", ["denoise", "bitdepth", "codec"])
+@pytest.mark.parametrize("task", ["continuation", "denoise", "bitdepth", "codec"])
 def test_every_task_config_trains_a_few_steps(shard_dir, tmp_path, task):
     main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / f"tiny_{task}.yaml"),
-            "--data.init_args.manifest",
-            str(shard_dir),
-            "--data.init_args.num_workers",
-            "0",
-            "--data.init_args.batches_per_epoch",
-            "4",
-            "--data.init_args.batch_size",
-            "4",
-            "--model.d_model",
-            "32",
-            "--model.d_ff",
-            "64",
-            "--model.num_heads",
-            "2",
-            "--model.num_layers",
-            "1",
-            "--model.num_decoder_layers",
-            "1",
+        _args(
+            shard_dir,
+            tmp_path,
             "--trainer.max_steps",
             "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path),
             "--trainer.logger",
             "false",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
+            config=f"tiny_{task}",
+        )
     )
-    assert (
-        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    )
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 2
