@@ -18,9 +18,7 @@ with its overlap masked), and every rank gets the same number of batches (fully 
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import math
 import os
 import random
@@ -38,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from pipeline.audio import AudioReader, is_audio_path
 from pipeline.codec import Codec, get_codec, int16_to_pcm16
 from pipeline.errors import PipelineError
-from pipeline.records import SPLITS, Manifest, ShardInfo, load_json
+from pipeline.records import SPLITS, ChunkMeta, Manifest, ShardInfo, load_json
+from pipeline.tario import ALLOWED_EXTENSIONS, load_npy
 from trainer.augment import Augment
 from trainer.tasks import Task
 
@@ -130,8 +129,9 @@ def iter_chunks(
     pending: dict[str, bytes] = {}
     with _open_tar(url) as tar:
         for info in tar:
-            name, _, ext = info.name.partition(".")
-            if ext not in ("npy", "json") or not info.isfile():
+            name, dot, ext = info.name.partition(".")
+            ext = dot + ext
+            if ext not in ALLOWED_EXTENSIONS or not info.isfile():
                 raise PipelineError(
                     f"{url}: member {info.name!r} is not .npy/.json; this loader refuses other "
                     "members (pickles included); re-create the shard with `python -m pipeline "
@@ -139,17 +139,17 @@ def iter_chunks(
                 )
             if name != key:
                 number, key, pending = number + 1, name, {}
-            if number < skip or (ext == "json" and not want_meta):
+            if number < skip or (ext == ".json" and not want_meta):
                 continue  # seeked over (local files) or read past, never decoded
             handle = tar.extractfile(info)
             pending[ext] = handle.read() if handle is not None else b""
-            if "npy" in pending and ("json" in pending or not want_meta):
-                chunk = np.load(io.BytesIO(pending.pop("npy")), allow_pickle=False)
+            if ".npy" in pending and (".json" in pending or not want_meta):
+                chunk = load_npy(pending.pop(".npy"))
                 DECODED["samples"] += 1
                 meta = None
                 if want_meta:
-                    record = json.loads(pending.pop("json"))
-                    meta = (record["source"], int(record["start"]))
+                    record = ChunkMeta.from_json(pending.pop(".json"))
+                    meta = (record.source, record.start)
                 yield chunk, meta
 
 
