@@ -351,3 +351,24 @@ def read(
 ) -> np.ndarray:
     """int16 `[2, frames]` of `path` from frame `start` (all remaining frames when None)."""
     return AudioReader(path, channels, sample_rate).read(start, frames)
+
+
+class ReaderPool:
+    """Open readers of many files, at most `size` at a time (the oldest is closed first), so
+    chunk after chunk of interleaved files needs neither a reopen nor a seek."""
+
+    def __init__(
+        self, channels: str | ChannelPolicy, sample_rate: int | None, size: int = 64
+    ) -> None:
+        self.channels, self.sample_rate, self.size = channels, sample_rate, size
+        self._readers: dict[str, AudioReader] = {}
+
+    def read(self, path: str, start: int, frames: int, cap: int | None = None) -> np.ndarray:
+        """int16 `[2, <= frames]` of `path` from `start`; `cap`: the frames that decode."""
+        reader = self._readers.get(path)
+        if reader is None:
+            if len(self._readers) >= self.size:
+                self._readers.pop(next(iter(self._readers))).close()
+            reader = AudioReader(path, self.channels, self.sample_rate, cap)
+            self._readers[path] = reader
+        return reader.read(start, frames)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio import AudioReader, ChannelPolicy, resampled_frames
+from pipeline.audio import ChannelPolicy, ReaderPool, resampled_frames
 from pipeline.codec import int16_to_pcm16
 from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
@@ -168,7 +168,7 @@ def interleave(chunk_counts: list[int], window: int, rng: np.random.Generator) -
 
 def _write_shard(job: _ShardJob) -> ShardInfo:
     """Read the planned chunks (random access, a few files open) and write one tar."""
-    readers: dict[int, AudioReader] = {}
+    readers = ReaderPool(job.channels, job.sample_rate)
     errors: dict[str, str] = {}
     silent = failed = 0
     npy_header = npy_bytes(np.zeros((2, job.chunk_frames), np.uint16))[:128]
@@ -180,13 +180,8 @@ def _write_shard(job: _ShardJob) -> ShardInfo:
                 continue
             start = number * job.chunk_frames
             try:
-                if position not in readers:
-                    if len(readers) >= 64:
-                        readers.pop(next(iter(readers)))
-                    readers[position] = AudioReader(
-                        os.path.join(job.root, rel), job.channels, job.sample_rate, frames
-                    )
-                block = readers[position].read(start, job.chunk_frames)
+                path = os.path.join(job.root, rel)
+                block = readers.read(path, start, job.chunk_frames, cap=frames)
                 if block.shape[1] != job.chunk_frames:
                     raise AudioError(f"decoded {block.shape[1]} of {job.chunk_frames} frames")
             except AudioError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.audio import AudioReader
+from pipeline.audio import ReaderPool
 from pipeline.codec import int16_to_pcm16
 from pipeline.errors import AudioError
 from pipeline.fsutil import file_sha256
@@ -60,21 +60,17 @@ def decode_sample(
 
 
 class _Sources:
-    """Source readers for --against-source, a few open at a time."""
+    """The source audio of a shard set's chunks, read as `shard` read it."""
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
-        self.readers: dict[str, AudioReader] = {}
+        self.readers = ReaderPool(manifest.config.channels, manifest.config.sample_rate)
 
     def chunk(self, rel: str, start: int) -> np.ndarray:
-        if rel not in self.readers:
-            if len(self.readers) >= 64:
-                self.readers.pop(next(iter(self.readers)))
-            cfg = self.manifest.config
-            path = os.path.join(self.manifest.root, rel)
-            frames = self.manifest.truncated.get(rel)
-            self.readers[rel] = AudioReader(path, cfg.channels, cfg.sample_rate, frames)
-        return int16_to_pcm16(self.readers[rel].read(start, self.manifest.config.chunk_frames))
+        path = os.path.join(self.manifest.root, rel)
+        cap = self.manifest.truncated.get(rel)
+        block = self.readers.read(path, start, self.manifest.config.chunk_frames, cap)
+        return int16_to_pcm16(block)
 
 
 def verify(folder: Path | str, against_source: bool = False, progress: bool = True) -> list[str]:
