@@ -75,3 +75,15 @@ def test_every_task_config_trains_a_few_steps(shard_dir, tmp_path, task):
     )
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 2
+
+
+def test_patched_config_trains_and_a_window_off_the_patch_fails_first(shard_dir, tmp_path, capsys):
+    main(_args(shard_dir, tmp_path, "--trainer.logger", "false", config="tiny_patch"))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3 and last["hyper_parameters"]["patch_size"] == 16
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(shard_dir, other, "--data.init_args.seq_len", "250", config="tiny_patch"))
+    assert exit_info.value.code == 2
+    assert "seq_len (max_len) 250 is not a multiple of patch_size 16" in capsys.readouterr().err
+    assert not list(other.rglob("*.ckpt"))

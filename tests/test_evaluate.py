@@ -348,3 +348,29 @@ def test_predict_from_an_export_folder_keeps_the_native_rate(run, tmp_path):
     )
     assert result["sample_rate"] == 22050 and "input's own rate" in result["rate_source"]
     assert sf.info(tmp_path / "out.wav").frames == 2 * SEQ
+
+
+def test_evaluate_and_predict_work_with_a_patched_model(shard_dir, tmp_path):
+    patched = StereoT5(
+        codec="pcm16", patch_size=8, local_d=16, local_layers=1, local_heads=2, align=True, **TINY
+    )
+    folder = patched.save_pretrained(tmp_path / "export")
+    report = evaluate(
+        folder,
+        shard_dir,
+        seq_len=SEQ,
+        max_chunks=1,
+        generate=1,
+        out=tmp_path / "eval",
+        progress=False,
+    )
+    assert report["model"]["patch_size"] == 8 and report["config"]["seq_len"] == SEQ
+    assert math.isfinite(report["bits_per_sample"]["model"])
+    assert "patches of 8, two-level decoder" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(ModelError, match="not a multiple of the model's patch_size 8"):
+        evaluate(folder, shard_dir, seq_len=SEQ - 4, out=tmp_path / "never", progress=False)
+    inp = _write(tmp_path / "in.wav", 3 * SEQ + 5, RATE)
+    result = predict(inp, tmp_path / "out.wav", folder, seq_len=SEQ, progress=False)
+    written, _ = sf.read(tmp_path / "out.wav", dtype="int16")
+    assert written.shape == (3 * SEQ + 5, 2) and result["seq_len"] == SEQ
+    assert np.array_equal(written[:, 0], read(inp)[0])

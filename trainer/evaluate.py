@@ -217,7 +217,8 @@ def resolve_seq_len(
 
     Raises:
         ModelError: ``codec`` differs from the checkpoint's, or ``seq_len`` exceeds its max_len
-            (the relative-attention span it was built for) or is < 1.
+            (the relative-attention span it was built for), is < 1 or is not a multiple of its
+            patch_size.
     """
     if codec is not None and get_codec(codec).name != loaded.codec.name:
         raise ModelError(
@@ -225,12 +226,19 @@ def resolve_seq_len(
             f"{get_codec(codec).name}; the shards hold 16-bit PCM and take the checkpoint's "
             f"codec: drop --codec or pass --codec {loaded.codec.name}"
         )
+    patch = loaded.model.patch_size
     if seq_len is None:
         seq_len = min(loaded.train_seq_len or loaded.max_len, loaded.max_len)
         if chunk_frames:
             seq_len = min(seq_len, chunk_frames)
+        seq_len -= seq_len % patch  # a patched model reads whole patches
     if seq_len < 1:
         raise ModelError(f"seq_len must be >= 1, got {seq_len}")
+    if seq_len % patch:
+        raise ModelError(
+            f"{loaded.path}: seq_len {seq_len} is not a multiple of the model's patch_size "
+            f"{patch}: use --seq-len {max(patch, seq_len - seq_len % patch)}"
+        )
     if seq_len > loaded.max_len:
         raise ModelError(
             f"{loaded.path}: seq_len {seq_len} is above the checkpoint's max_len "
@@ -500,6 +508,12 @@ def _fmt(value: float | None, digits: int) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _model_kind(model: dict) -> str:
+    patch = model.get("patch_size", 1)
+    kind = "per-sample" if patch == 1 else f"patches of {patch}, two-level decoder"
+    return f"{kind}, {model['head']} head, {model['parameters'] / 1e6:.2f} M parameters"
+
+
 def render_markdown(report: dict) -> str:
     """The two tables of report.md, readable in ten seconds."""
     bits, snr, counts = report["bits_per_sample"], report["snr_db"], report["counts"]
@@ -515,7 +529,7 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# Evaluation: {report['split']} split",
         "",
-        f"- checkpoint: `{report['ckpt']}`",
+        f"- checkpoint: `{report['ckpt']}` ({_model_kind(report['model'])})",
         f"- shards: `{report['shards']}`",
         f"- codec {codec}, direction {report['direction']}, {report['sample_rate']} Hz, "
         f"{counts['chunks']} chunks x {counts['chunk_frames']} frames "
@@ -746,6 +760,7 @@ def evaluate(
         "sample_rate": rate,
         "model": {
             "head": model.head_kind,
+            "patch_size": model.patch_size,  # 1: one position per sample; > 1: two-level
             "max_len": loaded.max_len,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_sample_rate": loaded.sample_rate,

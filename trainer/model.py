@@ -48,6 +48,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from pipeline.codec import Codec, get_codec
 from pipeline.errors import PipelineError
+from trainer.embeddings import ValueEmbedding
+from trainer.patched import TwoLevel
 
 __all__ = [
     "HEADS",
@@ -243,38 +245,30 @@ def lr_factor(step: int, warmup: int, total: int | None) -> float:
     return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
 
 
+def to_residual(tokens: torch.Tensor, levels: int) -> torch.Tensor:
+    """Levels ``0..V-1`` -> each one's difference from the level before it, plus V/2, mod V
+    (the first from V/2); pad (V) and ignored (-100) positions stay as they are, and a level
+    after one of them is taken relative to V/2. A bijection on the valid positions, so a
+    likelihood over residuals is exactly the likelihood over levels."""
+    mid = levels // 2
+    valid = (tokens >= 0) & (tokens < levels)
+    prev = torch.cat([tokens.new_full((tokens.shape[0], 1), mid), tokens[:, :-1]], 1)
+    prev = torch.where((prev >= 0) & (prev < levels), prev, mid)
+    return torch.where(valid, (tokens - prev + mid) % levels, tokens)
+
+
+def from_residual(residuals: torch.Tensor, prev: torch.Tensor, levels: int) -> torch.Tensor:
+    """Residual tokens and the levels before them (out of range: V/2) -> levels."""
+    mid = levels // 2
+    prev = torch.where((prev >= 0) & (prev < levels), prev, mid)
+    return (residuals + prev - mid) % levels
+
+
 def _shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
     """Decoder input: ``start`` then labels[:-1], with -100 replaced by ``start`` (the pad)."""
     shifted = torch.full_like(labels, start)
     shifted[:, 1:] = labels[:, :-1]
     return shifted.masked_fill(shifted == IGNORE, start)
-
-
-class ValueEmbedding(nn.Module):
-    """The token's level as a number: [x, sin(2^k pi x), cos(2^k pi x)] for x in (-1, 1),
-    projected to d_model and added to the token's own embedding.
-
-    A 65536-level vocabulary gives each level its own embedding row, which a small run updates
-    a handful of times; neighbouring levels, nearly the same sound, share nothing. This feature
-    tells the model from the first step that level 30000 lies between 29999 and 30001. The pad
-    token gets a flag of its own and no value.
-    """
-
-    def __init__(self, levels: int, d_model: int, octaves: int = 8) -> None:
-        super().__init__()
-        self.levels = levels
-        self.register_buffer(
-            "freqs", torch.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False
-        )
-        self.proj = nn.Linear(2 + 2 * octaves, d_model)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pad = (tokens >= self.levels).unsqueeze(-1)
-        x = ((tokens.clamp(max=self.levels - 1).float() + 0.5) / self.levels * 2 - 1).unsqueeze(-1)
-        angles = x * self.freqs
-        feats = torch.cat([x, angles.sin(), angles.cos()], -1).masked_fill(pad, 0.0)
-        feats = torch.cat([feats, pad.float()], -1)
-        return self.proj(feats.to(self.proj.weight.dtype))
 
 
 class StereoT5(pl.LightningModule):
@@ -297,6 +291,18 @@ class StereoT5(pl.LightningModule):
         head_chunk: sequence positions per chunk for ``chunked``.
         align: add a learned embedding of input token t to decoder input t (cross-attention has
             no positions, so without it the decoder must find its input sample by content).
+        residual: model each sample as its difference from the sample before it (``to_residual``;
+            the input channel too). Exact: the same likelihood of the same levels, in the same
+            bits/sample. Music moves little from one sample to the next, so the residuals use a
+            few hundred levels near V/2 and a small model learns them quickly, the way FLAC's
+            fixed predictors do; the model still sees everything before t.
+        patch_size: P = 1: one T5 position per sample. P >= 2: the patched encoder and
+            two-level decoder of ``trainer.patched`` (the body runs over max_len / P positions,
+            a local transformer of ``local_layers`` x ``local_d`` with ``local_heads`` heads
+            predicts the P samples of each patch; max_len must be a multiple of P).
+        local_d, local_layers, local_heads: the local model of P >= 2 (unused for P = 1).
+        checkpoint_body: activation checkpointing of every T5 block (recomputed in backward):
+            about 1/3 more compute for much less activation memory at long windows.
         lr, weight_decay, warmup_steps: AdamW with linear warmup, then cosine decay to 10 % of
             lr at ``max_steps`` (None: the Trainer's max_steps or estimated stepping batches).
         compile: ``torch.compile`` the body's training forward (in ``configure_model``).
@@ -326,6 +332,12 @@ class StereoT5(pl.LightningModule):
         head_chunk: int = 256,
         align: bool = False,
         value_embed: bool = True,
+        residual: bool = False,
+        checkpoint_body: bool = False,
+        patch_size: int = 1,
+        local_d: int = 128,
+        local_layers: int = 2,
+        local_heads: int = 4,
         lr: float = 3e-4,
         weight_decay: float = 0.01,
         warmup_steps: int = 100,
@@ -347,10 +359,17 @@ class StereoT5(pl.LightningModule):
             raise ModelError(f"unknown head {head!r}: use one of auto, {', '.join(HEADS)}")
         if head_chunk < 1:
             raise ModelError(f"head_chunk must be >= 1, got {head_chunk}")
+        if patch_size < 1 or max_len % patch_size:
+            raise ModelError(
+                f"seq_len (max_len) {max_len} is not a multiple of patch_size {patch_size}: "
+                f"use a seq_len divisible by {patch_size}"
+            )
+        self.patch_size = patch_size
+        patched = patch_size > 1
         self.head_kind = head
 
         self.config = T5Config(
-            vocab_size=levels + 1,
+            vocab_size=1 if patched else levels + 1,  # patched: samples embed in self.patch
             d_model=d_model,
             d_ff=d_ff,
             num_layers=num_layers,
@@ -360,21 +379,43 @@ class StereoT5(pl.LightningModule):
             dropout_rate=dropout,
             feed_forward_proj=feed_forward_proj,
             relative_attention_num_buckets=relative_attention_num_buckets,
-            relative_attention_max_distance=max_len,
-            pad_token_id=self.pad_id,
-            decoder_start_token_id=self.pad_id,
+            relative_attention_max_distance=max_len // patch_size,
+            pad_token_id=0 if patched else self.pad_id,  # patched: inputs come as embeddings
+            decoder_start_token_id=0 if patched else self.pad_id,
             eos_token_id=None,
             tie_word_embeddings=False,
             use_cache=False,
             attn_implementation="sdpa",
         )
         self.t5: nn.Module = T5Model(self.config)
+        if checkpoint_body:
+            self.t5.gradient_checkpointing_enable({"use_reentrant": False})
+        self.residual = residual
+        self.patch = (
+            TwoLevel(
+                levels,
+                patch_size,
+                d_model,
+                local_d,
+                local_layers,
+                local_heads,
+                dropout,
+                value_embed,
+                align,
+            )
+            if patched
+            else None
+        )
+        if patched:
+            self.t5.shared.requires_grad_(False)  # a 1-row placeholder: never used
+        head_in = local_d if patched else d_model
         if head == "coarse_fine":
-            self.head: nn.Module = CoarseFineHead(d_model, levels)
+            self.head: nn.Module = CoarseFineHead(head_in, levels)
         else:
-            self.head = SoftmaxHead(d_model, levels, head_chunk if head == "chunked" else None)
-        self.value_embed = ValueEmbedding(levels, d_model) if value_embed else None
-        self.align_embed = nn.Embedding(levels + 1, d_model) if align else None
+            self.head = SoftmaxHead(head_in, levels, head_chunk if head == "chunked" else None)
+        per_sample = not patched
+        self.value_embed = ValueEmbedding(levels, d_model) if value_embed and per_sample else None
+        self.align_embed = nn.Embedding(levels + 1, d_model) if align and per_sample else None
         if self.align_embed is not None:
             nn.init.normal_(self.align_embed.weight, std=1.0)  # the scale T5 gives `shared`
 
@@ -410,9 +451,20 @@ class StereoT5(pl.LightningModule):
         return emb
 
     def hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder states [B, L, d]: position t has seen labels < t and, with
-        align, input token t."""
+        """Teacher-forced decoder states [B, L, d] (patched: the local model's [B, L, local_d]):
+        position t has seen labels < t and, with align, input token t (patched: input patch
+        k of its sample)."""
         body = self.body
+        if self.patch is not None:
+            if labels.shape[1] % self.patch_size:
+                raise ModelError(
+                    f"window of {labels.shape[1]} samples is not a multiple of patch_size "
+                    f"{self.patch_size}: use a seq_len divisible by it"
+                )
+            enc_in, dec_in = self.patch.global_inputs(input_ids, labels, self.pad_id)
+            enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
+            out = body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
+            return self.patch.local_hidden(out, labels, self.pad_id)
         enc = body.encoder(inputs_embeds=self.embed(input_ids)).last_hidden_state
         dec_in = self.embed(_shift_right(labels, self.pad_id))
         if self.align_embed is not None:
@@ -430,7 +482,12 @@ class StereoT5(pl.LightningModule):
             ``correct`` (argmax == label), ``pred`` [B, L] argmax tokens (0..V-1 everywhere,
             meaningful where labels != -100), ``nll`` [B, L] per-position nats (0 if ignored).
         """
-        nll, pred = self.head(self(input_ids, labels), labels)
+        if self.residual:
+            inputs, targets = to_residual(input_ids, self.levels), to_residual(labels, self.levels)
+            nll, pred = self.head(self(inputs, targets), targets)
+            pred = from_residual(pred, _shift_right(labels, IGNORE), self.levels)
+        else:
+            nll, pred = self.head(self(input_ids, labels), labels)
         keep = labels != IGNORE
         return {
             "nll_sum": nll.sum(),
@@ -472,31 +529,54 @@ class StereoT5(pl.LightningModule):
             natural-log probability of each chosen token given the tokens before it.
         """
         self._check_tokens(input_ids, None)
+        if self.residual:
+            input_ids = to_residual(input_ids, self.levels)
         was_training = self.training
         self.eval()
         try:
             body = self.body
             batch, length = input_ids.shape
-            enc = body.encoder(inputs_embeds=self.embed(input_ids)).last_hidden_state
+            step = self.patch_size  # samples per decoder position
+            if length % step:
+                raise ModelError(
+                    f"window of {length} samples is not a multiple of patch_size {step}"
+                )
+            if self.patch is None:
+                enc_in = self.embed(input_ids)
+            else:
+                enc_in = self.patch.encoder_inputs(input_ids)
+            enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
             dec_cfg = body.decoder.config
             cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
-            prev = input_ids.new_full((batch,), self.pad_id)
-            tokens = input_ids.new_empty((batch, length))
+            tokens = input_ids.new_full((batch, length), self.pad_id)
             log_probs = torch.empty((batch, length), device=input_ids.device)
-            for t in range(length):
-                emb = self.embed(prev[:, None])
-                if self.align_embed is not None:
-                    emb = emb + self.align_embed(input_ids[:, t : t + 1])
+            pick = functools.partial(self.head.step, temperature=temperature, generator=generator)
+            for start in range(0, length, step):
+                # the decoder input: the step before's tokens (pad at the start)
+                previous = tokens[:, start - step : start] if start else tokens[:, :step]
+                if self.patch is None:
+                    emb = self.embed(previous)
+                    if self.align_embed is not None:
+                        emb = emb + self.align_embed(input_ids[:, start : start + 1])
+                else:
+                    emb = self.patch.decoder_step(previous, input_ids, start // step)
                 out = body.decoder(
                     inputs_embeds=emb, encoder_hidden_states=enc, cache=cache, use_cache=True
                 )
                 cache = out.cache
-                prev, log_probs[:, t] = self.head.step(
-                    out.last_hidden_state[:, -1], temperature, generator
-                )
-                tokens[:, t] = prev
+                hidden = out.last_hidden_state[:, -1]
+                span = slice(start, start + step)
+                if self.patch is None:
+                    tokens[:, start], log_probs[:, start] = pick(hidden)
+                else:
+                    tokens[:, span], log_probs[:, span] = self.patch.generate_patch(
+                        hidden, pick, self.pad_id
+                    )
         finally:
             self.train(was_training)
+        if self.residual:  # levels = V/2 + running sum of (residual - V/2), mod V
+            mid = self.levels // 2
+            tokens = (mid + torch.cumsum(tokens - mid, 1)) % self.levels
         return tokens, log_probs
 
     def _check_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -688,14 +768,14 @@ class StereoT5(pl.LightningModule):
 
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights, LoRA merged: keys ``t5.*`` (a T5Model), ``head.*``, ``align_embed.*``,
-        ``value_embed.*``."""
+        ``value_embed.*``, ``patch.*``."""
         state = {f"t5.{k}": v for k, v in self._plain_body().state_dict().items()}
         state.update(self._head_state())
         return state
 
     def _head_state(self) -> dict[str, torch.Tensor]:
         state = {}
-        for prefix in ("head", "align_embed", "value_embed"):
+        for prefix in _EXTRA_PARTS:
             module = getattr(self, prefix)
             if module is not None:
                 state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
@@ -711,16 +791,18 @@ class StereoT5(pl.LightningModule):
             "pad_token_id": self.pad_id,
             "decoder_start_token_id": self.pad_id,
             "head": self.head_kind,
-            "align": self.align_embed is not None,
+            "align": bool(self.hparams.align),
+            "frontend": "patch" if self.patch is not None else "sample",
+            "patch_size": self.patch_size,
             "hparams": hparams,
         }
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Write ``folder`` (replaced as a whole, never half-written):
         ``config.json`` + ``model.safetensors`` (the T5Model body, LoRA merged),
-        ``heads.safetensors`` (``head.*``, ``align_embed.*``, ``value_embed.*``) and
-        ``stereo_t5.json`` (format, codec, levels, pad/decoder-start token, head, align,
-        hparams)."""
+        ``heads.safetensors`` (``head.*``, ``align_embed.*``, ``value_embed.*``, ``patch.*``)
+        and ``stereo_t5.json`` (format, codec, levels, pad/decoder-start token, head, align,
+        frontend, patch_size, hparams)."""
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         heads = {k: v.detach().cpu().contiguous() for k, v in self._head_state().items()}
@@ -775,7 +857,7 @@ class StereoT5(pl.LightningModule):
             raise ModelError(
                 f"{path}: weights do not fit this model ({len(shapes)} shape mismatches, "
                 f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {first}): "
-                "use the d_model/layers/heads/align it was trained with"
+                "use the d_model/layers/heads/align/patch_size it was trained with"
             )
         self.load_state_dict({k: state[k] for k in own}, strict=False)
 
@@ -802,7 +884,8 @@ class StereoT5(pl.LightningModule):
         trainer.strategy.barrier("stereo_t5_export")
 
 
-_WEIGHT_PARTS = ("t5", "head", "align_embed", "value_embed")
+_EXTRA_PARTS = ("head", "align_embed", "value_embed", "patch")  # saved in heads.safetensors
+_WEIGHT_PARTS = ("t5", *_EXTRA_PARTS)
 
 
 def _wandb_logger(loggers: list[Any]) -> Any:
