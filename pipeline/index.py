@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
+from typing import NamedTuple
 
 from pipeline.audio import is_audio_path, probe
 from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
-from pipeline.parallel import parallel_map
-from pipeline.records import AudioIndex, IndexEntry, Rejection, dumps, load_json
+from pipeline.parallel import map_batches, parallel_map
+from pipeline.records import AudioIndex, IndexEntry, Rejection, dumps
 
 
 @dataclass
@@ -20,12 +23,14 @@ class IndexResult:
     reused: int
 
 
-@dataclass(frozen=True)
-class _Found:
+class _Found(NamedTuple):
     rel: str
     path: str
     bytes: int
     mtime_ns: int
+
+
+_NAME = attrgetter("name")
 
 
 def default_index_path(root: Path) -> Path:
@@ -46,44 +51,46 @@ def _walk(root: Path) -> tuple[list[_Found], dict[str, list[str]], dict[str, Rej
     def visit(folder: str, rel: str, real: str, above: frozenset[str]) -> None:
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_NAME)
         except OSError as exc:
             broken[rel or "."] = Rejection(f"cannot list folder: {exc.strerror}")
             return
+        prefix = f"{rel}/" if rel else ""
         for entry in entries:
-            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-            link = entry.is_symlink()
+            name = entry.name
             try:
                 is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
             if is_dir:
-                entry_real = os.path.realpath(entry.path) if link else f"{real}/{entry.name}"
+                link = entry.is_symlink()
+                entry_real = os.path.realpath(entry.path) if link else f"{real}/{name}"
                 if entry_real not in above:  # else a symlink loop: the folder holds itself
-                    visit(entry.path, entry_rel, entry_real, above | {entry_real})
+                    visit(entry.path, prefix + name, entry_real, above | {entry_real})
                 continue
-            if not is_audio_path(entry.name):
+            if not is_audio_path(name):
                 continue
+            link = entry.is_symlink()
             try:
                 st = entry.stat()
             except OSError as exc:
                 why = f"broken symlink to {os.readlink(entry.path)}" if link else exc.strerror
-                broken[entry_rel] = Rejection(why or "cannot stat")
+                broken[prefix + name] = Rejection(why or "cannot stat")
                 continue
-            entry_real = os.path.realpath(entry.path) if link else f"{real}/{entry.name}"
+            entry_real = os.path.realpath(entry.path) if link else f"{real}/{name}"
             if entry_real in canonical_by_real:
-                aliases.setdefault(canonical_by_real[entry_real], []).append(entry_rel)
+                aliases.setdefault(canonical_by_real[entry_real], []).append(prefix + name)
                 continue
-            canonical_by_real[entry_real] = entry_rel
-            found.append(_Found(entry_rel, entry.path, st.st_size, st.st_mtime_ns))
+            canonical_by_real[entry_real] = prefix + name
+            found.append(_Found(prefix + name, entry.path, st.st_size, st.st_mtime_ns))
 
     real_root = os.path.realpath(root)
     visit(str(root), "", real_root, frozenset({real_root}))
     return found, aliases, broken
 
 
-def _inspect(item: _Found) -> IndexEntry | Rejection:
-    """Open one file (runs in a worker process) and return what really decodes, or why not."""
+def _inspect(item: _Found, fingerprint: bool) -> IndexEntry | Rejection:
+    """Open one file and return what really decodes, or why not; sha256 it if `fingerprint`."""
     if item.bytes == 0:
         return Rejection("empty file (0 bytes)", 0, item.mtime_ns)
     try:
@@ -98,36 +105,14 @@ def _inspect(item: _Found) -> IndexEntry | Rejection:
         format=info.format,
         bytes=item.bytes,
         mtime_ns=item.mtime_ns,
+        sha256=file_sha256(item.path) if fingerprint else None,
         header_frames=info.header_frames if info.header_frames != info.frames else None,
     )
 
 
-def _unchanged(previous: AudioIndex | None, item: _Found) -> IndexEntry | Rejection | None:
-    if previous is None:
-        return None
-    old = previous.files.get(item.rel) or previous.rejected.get(item.rel)
-    if old is not None and (old.bytes, old.mtime_ns) == (item.bytes, item.mtime_ns):
-        return old
-    return None
-
-
-def _fingerprint_possible_duplicates(index: AudioIndex, jobs: int, progress: bool) -> None:
-    """sha256 every file whose byte size another file shares (exact duplicates share size)."""
-    by_size: dict[int, list[str]] = {}
-    for rel, entry in index.files.items():
-        by_size.setdefault(entry.bytes, []).append(rel)
-    todo = [
-        rel
-        for group in by_size.values()
-        if len(group) > 1
-        for rel in group
-        if index.files[rel].sha256 is None
-    ]
-    paths = [os.path.join(index.root, rel) for rel in todo]
-    for rel, digest in zip(
-        todo, parallel_map(file_sha256, paths, jobs, "sha256", progress), strict=True
-    ):
-        index.files[rel].sha256 = digest
+def _inspect_batch(batch: list[tuple[_Found, bool]]) -> list[IndexEntry | Rejection]:
+    """`_inspect` over a batch of files (runs in this process or a worker)."""
+    return [_inspect(item, fingerprint) for item, fingerprint in batch]
 
 
 def build_index(
@@ -139,14 +124,15 @@ def build_index(
 ) -> IndexResult:
     """Index every audio file under `root` and write `out` (default shards/<root name>/index.json).
 
-    Entries of an existing `out` whose size and mtime are unchanged are reused without opening.
+    Entries of an existing `out` whose size and mtime are unchanged are reused without opening,
+    and an index that comes out unchanged is not rewritten. Files whose byte size another file
+    shares get a sha256 (only those can be exact copies; hashing all would read the corpus again).
     """
     root = Path(root).resolve()
     if not root.is_dir():
         raise PipelineError(f"{root}: no such directory; pass the folder that holds your audio")
     out = Path(out) if out is not None else default_index_path(root)
-    saved = load_json(out, "index") if out.exists() else None
-    previous = AudioIndex.from_dict(saved, out) if saved is not None else None
+    previous = AudioIndex.load(out) if out.exists() else None
     if previous is not None and Path(previous.root) != root:
         previous = None  # another tree's index: nothing to reuse
 
@@ -155,33 +141,38 @@ def build_index(
         raise PipelineError(
             f"{root}: no audio files (.wav .flac .aif(f) .ogg .opus .mp3) here; check the path"
         )
+    shared_size = {size for size, n in Counter(item.bytes for item in found).items() if n > 1}
+    old = {**previous.rejected, **previous.files} if previous is not None else {}
     results: dict[str, IndexEntry | Rejection] = {}
-    todo: list[_Found] = []
+    todo: list[tuple[_Found, bool]] = []
     for item in found:
-        old = _unchanged(previous, item)
-        if old is None:
-            todo.append(item)
+        entry = old.get(item.rel)
+        if entry is not None and entry.bytes == item.bytes and entry.mtime_ns == item.mtime_ns:
+            results[item.rel] = entry
         else:
-            results[item.rel] = old
+            todo.append((item, item.bytes in shared_size))
     jobs = jobs or os.cpu_count() or 1
-    results.update(
-        zip(
-            [t.rel for t in todo],
-            parallel_map(_inspect, todo, jobs, "index", progress),
-            strict=True,
-        )
-    )
+    for (item, _), result in map_batches(_inspect_batch, todo, jobs, "index", progress):
+        results[item.rel] = result
 
     index = AudioIndex(root=str(root), rejected=dict(broken))
+    unhashed = []  # reused entries whose size a new file now shares
     for rel in sorted(results):
         result = results[rel]
-        if isinstance(result, IndexEntry):
-            result.aliases = aliases.get(rel, [])
-            index.files[rel] = result
-        else:
+        if isinstance(result, Rejection):
             index.rejected[rel] = result
-    _fingerprint_possible_duplicates(index, jobs, progress)
-    if index.to_dict() != saved:
+            continue
+        if result.aliases != aliases.get(rel, []):  # a copy: `previous` stays as loaded
+            result = replace(result, aliases=aliases.get(rel, []))
+        index.files[rel] = result
+        if result.sha256 is None and result.bytes in shared_size:
+            unhashed.append(rel)
+    paths = [os.path.join(root, rel) for rel in unhashed]
+    for rel, digest in zip(
+        unhashed, parallel_map(file_sha256, paths, jobs, "sha256", progress), strict=True
+    ):
+        index.files[rel] = replace(index.files[rel], sha256=digest)
+    if index != previous:
         index.save(out)
     if lengths_json is not None:
         atomic_write_text(Path(lengths_json), dumps(index.lengths()))

@@ -1,9 +1,11 @@
-"""Map a function over work items in worker processes, in order, with a progress bar."""
+"""Map a function over work items in worker processes, with a progress bar."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -13,6 +15,9 @@ R = TypeVar("R")
 
 # Below this many items a process pool costs more than it saves.
 MIN_ITEMS_FOR_POOL = 32
+# map_batches starts workers only when more than this much serial work seems left (seconds):
+# about three times what starting and joining a worker costs here (10 ms).
+POOL_AFTER_S = 0.03
 
 
 def parallel_map(
@@ -53,4 +58,49 @@ def parallel_map(
                 bar.update(weight(item) if weight else 1)
                 yield result
     finally:
+        bar.close()
+
+
+def map_batches(
+    fn: Callable[[list[T]], list[R]],
+    items: Sequence[T],
+    jobs: int,
+    desc: str,
+    progress: bool = True,
+    batch: int = 64,
+) -> Iterator[tuple[T, R]]:
+    """Yield (item, result) pairs in no fixed order, where fn maps a batch of items to a list of
+    their results: for many small tasks (a file header each), where per-task costs dominate.
+
+    This process works through batches itself, and starts a pool of `jobs - 1` workers only once
+    the batches done so far predict more than POOL_AFTER_S seconds of work left, so a small run
+    never pays for starting processes.
+    """
+    todo = deque(items[i : i + batch] for i in range(0, len(items), batch))
+    bar = tqdm(total=len(items), unit="file", desc=desc, disable=not progress or not items)
+    pool: ProcessPoolExecutor | None = None
+    running: dict[Future[list[R]], Sequence[T]] = {}
+    start, done = time.perf_counter(), 0
+    try:
+        while todo or running:
+            for future in [f for f in running if f.done()]:
+                chunk = running.pop(future)
+                yield from zip(chunk, future.result(), strict=True)
+                bar.update(len(chunk))
+            while pool is not None and todo and len(running) < 2 * (jobs - 1):
+                chunk = todo.pop()  # workers take from the end, this process from the front
+                running[pool.submit(fn, list(chunk))] = chunk
+            if todo:
+                chunk = todo.popleft()
+                yield from zip(chunk, fn(list(chunk)), strict=True)
+                bar.update(len(chunk))
+                done += len(chunk)
+                left = (len(items) - done) * (time.perf_counter() - start) / done
+                if pool is None and jobs > 1 and left > POOL_AFTER_S:
+                    pool = ProcessPoolExecutor(jobs - 1)
+            elif running:
+                wait(running, return_when=FIRST_COMPLETED)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
         bar.close()

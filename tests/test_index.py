@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from pipeline import index as index_mod
+from pipeline import parallel
 from pipeline.errors import PipelineError
 from pipeline.records import AudioIndex
 
@@ -100,14 +103,33 @@ def test_copies_get_equal_fingerprints_unique_sizes_none(good_tree, tmp_path):
     assert files["extra/x.WAV"].sha256 is None
 
 
+def test_a_copy_added_later_fingerprints_the_reused_original(good_tree, tmp_path):
+    out = tmp_path / "i.json"
+    song = good_tree / "train" / "Song A" / "mixture.wav"
+    assert (
+        index_mod.build_index(good_tree, out, progress=False)
+        .index.files["train/Song A/mixture.wav"]
+        .sha256
+        is None
+    )
+    shutil.copy(song, good_tree / "extra" / "copy.wav")
+    again = index_mod.build_index(good_tree, out, progress=False)
+    assert (again.opened, again.reused) == (1, 4)
+    digest = hashlib.sha256(song.read_bytes()).hexdigest()
+    files = AudioIndex.load(out).files
+    assert files["train/Song A/mixture.wav"].sha256 == files["extra/copy.wav"].sha256 == digest
+
+
 def test_reindex_opens_nothing_then_only_the_touched_file(good_tree, tmp_path):
     out = tmp_path / "i.json"
     (good_tree / "bad.wav").write_text("not audio")
     first = index_mod.build_index(good_tree, out, jobs=1, progress=False)
     assert (first.opened, first.reused) == (5, 0)
+    written = out.stat().st_mtime_ns
     again = index_mod.build_index(good_tree, out, jobs=1, progress=False)
     assert (again.opened, again.reused) == (0, 5)
     assert again.index.to_dict() == first.index.to_dict()
+    assert out.stat().st_mtime_ns == written  # an unchanged index is not rewritten
 
     touched = good_tree / "train" / "Song A" / "mixture.wav"
     st = touched.stat()
@@ -116,13 +138,14 @@ def test_reindex_opens_nothing_then_only_the_touched_file(good_tree, tmp_path):
     assert (third.opened, third.reused) == (1, 4)
 
 
-def test_parallel_index_equals_serial(good_tree, tmp_path):
-    for i in range(40):
-        _write(good_tree / "many" / f"f{i:02d}.wav", 100 + i)
+def test_parallel_index_equals_serial(good_tree, tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "POOL_AFTER_S", 0.0)  # workers even for this small tree
+    for i in range(140):  # batches of 64: this process takes the first, a worker the rest
+        _write(good_tree / "many" / f"f{i:03d}.{('wav', 'flac')[i % 2]}", 100 + i)
     serial = index_mod.build_index(good_tree, tmp_path / "a.json", jobs=1, progress=False)
-    parallel = index_mod.build_index(good_tree, tmp_path / "b.json", jobs=2, progress=False)
+    pooled = index_mod.build_index(good_tree, tmp_path / "b.json", jobs=2, progress=False)
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert serial.opened == parallel.opened == 44
+    assert serial.opened == pooled.opened == 144
 
 
 def test_interrupted_write_leaves_previous_index_intact(good_tree, tmp_path, monkeypatch):
@@ -200,3 +223,20 @@ def test_cli_index_runs_without_torch_and_reports_one_line_errors(good_tree, tmp
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "no such directory" in bad.stderr
+
+
+def _pids(batch: list[int]) -> list[int]:
+    time.sleep(0.005)
+    return [os.getpid()] * len(batch)
+
+
+def test_map_batches_shares_the_work_with_workers_and_loses_nothing(monkeypatch):
+    monkeypatch.setattr(parallel, "POOL_AFTER_S", 0.0)
+    pairs = list(parallel.map_batches(_pids, range(400), 3, "test", progress=False, batch=10))
+    assert sorted(item for item, _ in pairs) == list(range(400))
+    pids = {pid for _, pid in pairs}
+    assert os.getpid() in pids and len(pids) > 1
+    monkeypatch.setattr(parallel, "POOL_AFTER_S", 60.0)  # little work: no pool at all
+    assert {pid for _, pid in parallel.map_batches(_pids, range(30), 3, "t", False)} == {
+        os.getpid()
+    }
