@@ -20,6 +20,8 @@ from trainer.model import (
 )
 
 TINY = dict(**TINY_MODEL, max_len=64, warmup_steps=0)
+# a tiny patched model (patch_size 8): the two-level decoder of trainer/patched.py
+PATCH = dict(patch_size=8, local_d=16, local_layers=1, local_heads=2)
 
 
 def tiny(seed: int = 0, **kwargs) -> StereoT5:
@@ -62,18 +64,23 @@ def test_auto_head_is_full_for_small_vocabularies_and_coarse_fine_for_16_bit():
     assert model.config.relative_attention_max_distance == TINY["max_len"]
 
 
-def test_tiny_model_overfits_one_batch():
-    model = tiny(codec="mulaw8", head="full", d_model=64, d_ff=128, lr=3e-3)
-    batch = make_batch(256, batch=4, length=32)
+def fit_one_batch(model: StereoT5, batch: dict, steps: int) -> list[float]:
+    """Train `steps` AdamW steps on one batch; the loss after each."""
     optimizer = model.configure_optimizers()["optimizer"]
     losses = []
-    for _ in range(50):
+    for _ in range(steps):
         scored = teacher_forced(model, batch)
         loss = scored["nll_sum"] / scored["count"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_tiny_model_overfits_one_batch():
+    model = tiny(codec="mulaw8", head="full", d_model=64, d_ff=128, lr=3e-3)
+    losses = fit_one_batch(model, make_batch(256, batch=4, length=32), 50)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -263,16 +270,27 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize(
-    ("codec", "head", "align"), [("mulaw8", "full", False), ("pcm16", "coarse_fine", True)]
-)
+GENERATION_CASES = {
+    "mulaw8-full": dict(codec="mulaw8", head="full"),
+    "coarse_fine-align": dict(codec="pcm16", head="coarse_fine", align=True),
+    "coarse_fine-align-residual": dict(
+        codec="pcm16", head="coarse_fine", align=True, residual=True
+    ),
+    "patched-mulaw8-full": dict(codec="mulaw8", head="full", **PATCH),
+    "patched-coarse_fine-align": dict(codec="pcm16", head="coarse_fine", align=True, **PATCH),
+    "patched-residual": dict(codec="pcm16", head="coarse_fine", align=True, residual=True, **PATCH),
+}
+
+
+@pytest.mark.parametrize("kwargs", GENERATION_CASES.values(), ids=GENERATION_CASES.keys())
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generation_log_probs_equal_teacher_forced_log_probs(codec, head, align, temperature):
-    model = tiny(codec=codec, head=head, align=align).eval()
+def test_generation_log_probs_equal_teacher_forced_log_probs(kwargs, temperature):
+    model = tiny(**kwargs).eval()
     input_ids = make_batch(model.levels, batch=3, length=24)["input_ids"]
     generator = torch.Generator().manual_seed(0)
     tokens, log_probs = model.generate(input_ids, temperature=temperature, generator=generator)
-    assert tokens.shape == input_ids.shape and int(tokens.max()) < model.levels
+    assert tokens.shape == input_ids.shape and int(tokens.min()) >= 0
+    assert int(tokens.max()) < model.levels
     with torch.no_grad():
         scored = model.score(input_ids, tokens)
     assert torch.allclose(log_probs, -scored["nll"], atol=1e-4)

@@ -1,15 +1,13 @@
 """The patched encoder / two-level decoder (patch_size > 1) and the residual parametrization:
-causality, generation agreeing with scoring, overfitting, export, clear errors."""
+causality, overfitting, export, clear errors (generation agreeing with scoring: test_model)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_model import make_batch, teacher_forced, tiny
+from test_model import PATCH, fit_one_batch, make_batch, teacher_forced, tiny
 
 from trainer.model import ModelError, StereoT5, from_residual, to_residual
-
-PATCH = dict(patch_size=8, local_d=16, local_layers=1, local_heads=2)
 
 
 def patched(**kwargs) -> StereoT5:
@@ -42,41 +40,6 @@ def test_changing_sample_t_changes_nothing_up_to_t(head):
         assert not torch.allclose(before[:, t + 1], after[:, t + 1]), t
 
 
-@pytest.mark.parametrize(
-    ("codec", "head", "align", "residual"),
-    [
-        ("mulaw8", "full", False, False),
-        ("pcm16", "coarse_fine", True, False),
-        ("pcm16", "coarse_fine", True, True),
-    ],
-)
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generation_log_probs_equal_teacher_forced_log_probs(
-    codec, head, align, residual, temperature
-):
-    model = patched(codec=codec, head=head, align=align, residual=residual).eval()
-    input_ids = make_batch(model.levels, batch=3, length=24)["input_ids"]
-    generator = torch.Generator().manual_seed(0)
-    tokens, log_probs = model.generate(input_ids, temperature=temperature, generator=generator)
-    assert tokens.shape == input_ids.shape and int(tokens.min()) >= 0
-    assert int(tokens.max()) < model.levels
-    with torch.no_grad():
-        scored = model.score(input_ids, tokens)
-    assert torch.allclose(log_probs, -scored["nll"], atol=1e-4)
-    if temperature == 0:
-        assert torch.equal(scored["pred"], tokens)  # greedy = teacher-forced argmax on itself
-
-
-def test_residual_generation_agrees_with_scoring_for_the_per_sample_model():
-    model = tiny(codec="pcm16", head="coarse_fine", align=True, residual=True).eval()
-    input_ids = make_batch(model.levels, batch=2, length=16)["input_ids"]
-    tokens, log_probs = model.generate(input_ids)
-    with torch.no_grad():
-        scored = model.score(input_ids, tokens)
-    assert torch.allclose(log_probs, -scored["nll"], atol=1e-4)
-    assert torch.equal(scored["pred"], tokens)
-
-
 def test_residuals_are_a_bijection_that_leaves_pad_and_ignored_positions():
     levels = 65536
     g = torch.Generator().manual_seed(0)
@@ -96,16 +59,7 @@ def test_residuals_are_a_bijection_that_leaves_pad_and_ignored_positions():
 
 def test_tiny_patched_model_overfits_one_batch():
     model = patched(codec="mulaw8", head="full", d_model=64, d_ff=128, lr=3e-3)
-    batch = make_batch(256, batch=4, length=32)
-    optimizer = model.configure_optimizers()["optimizer"]
-    losses = []
-    for _ in range(60):
-        scored = teacher_forced(model, batch)
-        loss = scored["nll_sum"] / scored["count"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_one_batch(model, make_batch(256, batch=4, length=32), 60)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
