@@ -1,32 +1,52 @@
 """What a window becomes: the task's input and label frames (design §6).
 
 Runs in the loader's workers on uint16 windows `[B, 2, N]` (int16 + 32768), before the codec.
-Every random choice comes from a per-window seed drawn by the stream, so runs are reproducible
-and resumable. The channel `c` a single-channel task works on is the direction's source channel
-(left for l2r).
+The channel `c` a single-channel task works on is the direction's source channel (left for l2r).
 
 - `channel`: input = channel c, label = the other channel (the original trainer's task).
 - `continuation`: input = the first `seq_len` frames of c, label = the `target_len` after them.
 - `denoise`: input = c + white noise at a random SNR in `snr_db`, label = c.
-- `bitdepth`: input = c requantized to k bits, k random in `bits`, label = c.
-- `codec`: input = c after a cheap stand-in for a lossy codec: a low-pass at a random cutoff
-  (a fraction of Nyquist in `cutoff`) and an 8-bit mu-law round trip, label = c. A real MP3 or
-  Vorbis round trip through libsndfile costs milliseconds per window, which would make this
+- `bitdepth`: input = c requantized to k bits, k random in `bits` (rounded half up, saturating
+  at the top k-bit level: 2**k levels exactly), label = c.
+- `codec`: input = c after a cheap stand-in for a lossy codec: a low-pass whose -3 dB point is a
+  random fraction of Nyquist in `cutoff`, then an 8-bit mu-law round trip, label = c. A real MP3
+  or Vorbis round trip through libsndfile costs milliseconds per window, which would make this
   task ~100x slower than the others; the stand-in keeps the two artefacts that dominate at low
   bit rates, lost bandwidth and signal-dependent quantization noise. (Real encodes belong at
   shard time, as an extra member, if they are ever needed.)
+
+Cost: the channel task only slices, and the loader delivers its batch of 8 x 2048 frames in
+~40-50 µs, so a degradation must cost a few tens of µs per batch. At this size a numpy call
+costs ~1 µs whatever it does and a pass over the batch 1-3 µs, so each task makes few of both:
+
+- draws are a small hash of each window's own seed (`uniforms`, or `draws` in plain Python for
+  the one or two a task needs per window): reproducible, resumable, a few µs a batch where
+  seeding a numpy Generator cost ~30 µs; per-window numbers (SNR, bits) are Python floats;
+- denoise adds consecutive stretches of one fixed table of 2**20 standard normals (generated
+  once from a fixed seed) from a random offset per batch, a view: fresh normals cost ~100 µs a
+  batch;
+- bitdepth is three integer operations on the uint16 samples, no float;
+- codec draws one cutoff per batch (one per window would need a Python loop over the rows)
+  and low-passes with a centered moving average of odd width 2m + 1, the width whose -3 dB
+  point (~0.886 / width of Nyquist) is nearest the cutoff (m = 0 keeps the whole band): a crude
+  low-pass (sidelobes 13 dB down) that costs a few integer additions over the batch as one
+  flat signal; the mu-law round trip is one lookup in a 65536-entry table. (The FFT brick-wall
+  low-pass it replaces cost ~10x as much.)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.codec import get_codec, int16_to_pcm16, pcm16_to_int16
+from pipeline.codec import get_codec
 from pipeline.errors import PipelineError
 
 TASKS = ("channel", "continuation", "denoise", "bitdepth", "codec")
+NOISE_TABLE = 1 << 20  # standard normals shared by every window (4 MiB of float32)
 
 
 @dataclass(frozen=True)
@@ -43,6 +63,8 @@ class Task:
             raise PipelineError(f"task {self.name!r}: use one of {', '.join(TASKS)}")
         if not 1 <= self.bits[0] <= self.bits[1] <= 16:
             raise PipelineError(f"bits {self.bits}: need 1 <= low <= high <= 16")
+        if not 0.001 <= self.cutoff[0] <= self.cutoff[1] <= 1:
+            raise PipelineError(f"cutoff {self.cutoff}: need 0.001 <= low <= high <= 1")
 
     @property
     def split_at(self) -> int | None:
@@ -70,31 +92,148 @@ class Task:
             return source, windows[rows, 1 - directions]
         if self.name == "continuation":
             return source[:, : self.seq_len], source[:, self.seq_len :]
-        clean = pcm16_to_int16(source).astype(np.float64)
-        # One generator per batch, seeded by its windows' seeds: as reproducible as one per
-        # window, and every draw is vectorized over the batch.
-        rng = np.random.default_rng([int(seed) for seed in seeds])
-        return int16_to_pcm16(_to_int16(self._degrade(clean, rng))), source
-
-    def _degrade(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """float64 int16-scaled `[B, N]` -> the degraded input of the task."""
-        rows, frames = x.shape
+        if seeds is None:
+            raise PipelineError(f"task {self.name!r} needs a seed per window")
+        seeds = np.asarray(seeds).tolist()
         if self.name == "denoise":
-            snr = rng.uniform(*self.snr_db, size=rows)
-            power = np.maximum(np.mean(x * x, axis=1), 1.0)
-            noise = rng.standard_normal((rows, frames), dtype=np.float32)
-            return x + noise * np.sqrt(power / 10 ** (snr / 10))[:, None]
+            return self._denoise(source, seeds), source
         if self.name == "bitdepth":
-            bits = rng.integers(self.bits[0], self.bits[1], size=rows, endpoint=True)
-            step = (2.0 ** (16 - bits))[:, None]
-            return np.round(x / step) * step
-        spectrum = np.fft.rfft(x, axis=1)
-        cut = (rng.uniform(*self.cutoff, size=rows) * spectrum.shape[1]).astype(np.int64)
-        spectrum[np.arange(spectrum.shape[1])[None, :] >= cut[:, None]] = 0
-        lowpassed = int16_to_pcm16(_to_int16(np.fft.irfft(spectrum, frames, axis=1)))
-        mulaw = get_codec("mulaw8")
-        return pcm16_to_int16(mulaw.decode(mulaw.encode(lowpassed))).astype(np.float64)
+            return self._bitdepth(source, seeds), source
+        return self._codec(source, uniform(seeds[0])), source  # one cutoff per batch
+
+    def _denoise(self, source: np.ndarray, seeds: list[int]) -> np.ndarray:
+        x = source.astype(np.float32)
+        x -= 32768
+        low, high = self.snr_db
+        snrs = [low + draw * (high - low) for draw in draws(seeds)]
+        levels = [noise_level(power, snr) for power, snr in zip(powers(x), snrs, strict=True)]
+        x += noise(uniform(seeds[0], 0, 1), *x.shape) * np.array(levels, np.float32)[:, None]
+        return to_pcm16(x)
+
+    def _bitdepth(self, source: np.ndarray, seeds: list[int]) -> np.ndarray:
+        low, high = self.bits
+        bits = [min(low + int(draw * (high - low + 1)), high) for draw in draws(seeds)]
+        step = np.array([1 << 16 - k for k in bits], np.uint16)[:, None]
+        half = step >> 1
+        # Round half up to a multiple of step; 32768 is one, so this is also the int16 rounding.
+        # Clamping first keeps the sum inside uint16 and saturates at the top level.
+        return (np.minimum(source, 65535 - half) + half) & ~(step - 1)
+
+    def _codec(self, source: np.ndarray, draw: float) -> np.ndarray:
+        cutoff = self.cutoff[0] + draw * (self.cutoff[1] - self.cutoff[0])
+        m = max(round((0.886 / cutoff - 1) / 2), 0)  # the average of source[n - m : n + m + 1]
+        rows, frames = source.shape
+        padded = np.empty((rows, frames + 2 * m), np.int32)  # edges held
+        padded[:, m : m + frames] = source
+        padded[:, :m] = source[:, :1]
+        padded[:, m + frames :] = source[:, -1:]
+        # One flat signal: 1-D operations are several times faster than row slices, and the
+        # sums that straddle two rows land in the padding, which is dropped.
+        sums = moving_sums(padded.ravel(), 2 * m + 1)
+        if m:
+            sums += m
+            sums //= 2 * m + 1  # the rounded mean (an odd width never ties)
+        out = np.empty(padded.size, np.uint16)
+        _mulaw_round_trip().take(sums, out=out[: len(sums)])
+        return out.reshape(rows, -1)[:, :frames]
 
 
-def _to_int16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), -32768, 32767).astype(np.int16)
+def moving_sums(x: np.ndarray, width: int) -> np.ndarray:
+    """1-D `x` -> the sums of its runs of `width` samples (len(x) - width + 1 of them), by
+    doubling: at most 2 log2(width) additions, each cheaper than numpy's (serial) cumsum."""
+    total, done, power, span = x, 0, x, 1  # total: sums of `done` samples; power: of `span`
+    while True:
+        if width & span:
+            total = power if done == 0 else total[: len(power) - done] + power[done:]
+            done += span
+        if 2 * span > width:
+            return total
+        power = power[:-span] + power[span:]
+        span *= 2
+
+
+_MASK, _GAMMA = (1 << 64) - 1, 0x9E3779B97F4A7C15
+_ONE, _S11, _S32, _NP_GAMMA = np.uint64(1), np.uint64(11), np.uint64(32), np.uint64(_GAMMA)
+
+
+def uniforms(seeds: np.ndarray | list[int], count: int, stream: int = 0) -> np.ndarray:
+    """`[B]` seeds -> `[B, count]` floats in [0, 1), a hash of (seed, stream, draw): the seed's
+    Weyl step (seed + 1) * gamma, xor-shifted, times an odd multiplier per stream and draw; the
+    top 53 bits. One mixing round, so that sequential seeds (evaluation's) come out
+    uncorrelated; a full splitmix64 per draw would cost twice the numpy calls."""
+    z = (np.asarray(seeds, dtype=np.uint64) + _ONE) * _NP_GAMMA
+    z ^= z >> _S32
+    z = np.multiply.outer(z, _multipliers(stream, count))
+    z >>= _S11
+    return z * 2.0**-53
+
+
+def draws(seeds: list[int], stream: int = 0, draw: int = 0) -> list[float]:
+    """`uniforms(seeds, ...)[:, draw]` in plain Python: for a few draws, cheaper than numpy."""
+    k, out = _multiplier(stream, draw), []
+    for seed in seeds:
+        z = (seed + 1) * _GAMMA & _MASK
+        out.append((((z ^ z >> 32) * k & _MASK) >> 11) * 2.0**-53)
+    return out
+
+
+def uniform(seed: int, stream: int = 0, draw: int = 0) -> float:
+    """`uniforms(...)[b, draw]` for the one seed of window b."""
+    return draws([int(seed)], stream, draw)[0]
+
+
+@functools.cache
+def _multiplier(stream: int, draw: int) -> int:
+    """An odd 64-bit multiplier, fixed once and for all: splitmix64 of (stream, draw)."""
+    z = ((stream << 32 | draw) + 1) * _GAMMA & _MASK
+    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _MASK
+    z = (z ^ z >> 27) * 0x94D049BB133111EB & _MASK
+    return z ^ z >> 31 | 1
+
+
+@functools.cache
+def _multipliers(stream: int, count: int) -> np.ndarray:
+    return np.array([_multiplier(stream, k) for k in range(count)], dtype=np.uint64)
+
+
+def noise(draw: float, rows: int, frames: int) -> np.ndarray:
+    """Read-only float32 `[rows, frames]` unit white noise: consecutive stretches of one fixed
+    table of standard normals, from an offset `draw` in [0, 1) picks (a view: no copy)."""
+    table = _noise_table(max(NOISE_TABLE, 4 * rows * frames))
+    start = int(draw * (len(table) - rows * frames + 1))
+    return table[start : start + rows * frames].reshape(rows, frames)
+
+
+def powers(x: np.ndarray) -> list[float]:
+    """float32 `[K, N]` -> the mean square of each row (a batched dot product: no temporary)."""
+    return [s / x.shape[1] for s in np.matmul(x[:, None], x[:, :, None]).ravel().tolist()]
+
+
+def noise_level(power: float, snr_db: float) -> float:
+    """The standard deviation of white noise `snr_db` below `power` (floored at 1, so that
+    silence still gets some noise)."""
+    return math.sqrt(max(power, 1.0) / 10 ** (snr_db / 10))
+
+
+def to_pcm16(x: np.ndarray) -> np.ndarray:
+    """float32 int16-scaled samples -> uint16, rounded half up and clipped (x is overwritten)."""
+    x += 32768.5
+    x.clip(0, 65535, out=x)
+    return x.astype(np.uint16)  # truncation of values >= 0: the floor
+
+
+@functools.cache
+def _noise_table(size: int) -> np.ndarray:
+    table = np.random.default_rng(0x5EED).standard_normal(size, dtype=np.float32)
+    table = (table - table.mean()) / table.std()
+    table.setflags(write=False)
+    return table
+
+
+@functools.cache
+def _mulaw_round_trip() -> np.ndarray:
+    """uint16 `[65536]`: every sample after an 8-bit mu-law encode and decode."""
+    mulaw = get_codec("mulaw8")
+    table = mulaw.decode_table()[mulaw.encode_table()]
+    table.setflags(write=False)
+    return table
