@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -204,3 +206,9 @@ def test_the_loader_augments_train_only(shard_dir):
     clean_val = next(iter(plain.val_dataloader()))
     noisy_val = next(iter(noisy.val_dataloader()))
     assert np.array_equal(clean_val["input_ids"], noisy_val["input_ids"])
+
+
+def test_a_speed_rounded_up_to_the_grid_still_reads_enough_frames():
+    augment = Augment(speed_p=1.0, speed=(1.0026, 1.0026))  # resampled at 201/200
+    frames = 2048
+    assert augment.read_frames(frames) >= math.ceil(frames * 201 / 200)

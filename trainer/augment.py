@@ -59,8 +59,10 @@ class Augment:
         return [self.speed_p, self.gain_p, self.polarity_p, self.swap_p, self.noise_p]
 
     def read_frames(self, frames: int) -> int:
-        """Frames to read so that the fastest speed-up still yields `frames`."""
-        return math.ceil(frames * self.speed[1]) + 1 if self.speed_p else frames
+        """Frames to read so that the fastest speed-up still yields `frames` (its factor may be
+        rounded up by half a grid step)."""
+        fastest = self.speed[1] + 0.5 / SPEED_GRID
+        return math.ceil(frames * fastest) + 1 if self.speed_p else frames
 
     def __call__(
         self, windows: np.ndarray, seeds: np.ndarray | list[int], frames: int
