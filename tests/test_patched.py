@@ -90,3 +90,10 @@ def test_window_not_a_multiple_of_the_patch_is_a_clear_error():
     batch = make_batch(65536, length=20)
     with pytest.raises(ModelError, match="not a multiple of patch_size 8"):
         teacher_forced(model, batch)
+
+
+def test_residual_weights_do_not_load_into_a_level_model(tmp_path):
+    folder = tiny(codec="pcm16", residual=True).save_pretrained(tmp_path / "export")
+    with pytest.raises(ModelError, match="set residual: true"):
+        tiny(codec="pcm16", init_from=str(folder))
+    assert tiny(codec="pcm16", residual=True, init_from=str(folder)).residual

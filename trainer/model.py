@@ -841,13 +841,13 @@ class StereoT5(pl.LightningModule):
         if path.is_dir():
             meta = _read_meta(path)
             codec, head = meta["codec"], meta["head"]
-            self._check_source(path, codec, head)
+            self._check_source(path, codec, head, bool(meta["hparams"].get("residual")))
             body = T5Model.from_pretrained(path)
             state = {f"t5.{k}": v for k, v in body.state_dict().items()}
             state.update(load_file(path / HEADS_NAME))
         else:
-            state, codec, head = _read_checkpoint(path)
-            self._check_source(path, codec, head)
+            state, codec, head, residual = _read_checkpoint(path)
+            self._check_source(path, codec, head, residual)
         own = {k: v for k, v in self.state_dict().items() if k.split(".")[0] in _WEIGHT_PARTS}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(k for k in state if k.split(".")[0] in _WEIGHT_PARTS and k not in own)
@@ -861,7 +861,7 @@ class StereoT5(pl.LightningModule):
             )
         self.load_state_dict({k: state[k] for k in own}, strict=False)
 
-    def _check_source(self, path: Path, codec: str, head: str) -> None:
+    def _check_source(self, path: Path, codec: str, head: str, residual: bool) -> None:
         source = get_codec(codec)
         if source.name != self.codec.name:
             raise ModelError(
@@ -871,6 +871,12 @@ class StereoT5(pl.LightningModule):
         if (head == "coarse_fine") != (self.head_kind == "coarse_fine"):
             raise ModelError(
                 f"{path}: has a {head} head, this model a {self.head_kind} head: set head: {head}"
+            )
+        if residual != self.residual:
+            # Same shapes, other meaning: the weights would load and predict nonsense.
+            raise ModelError(
+                f"{path}: trained with residual: {str(residual).lower()}, this model has "
+                f"residual: {str(self.residual).lower()}: set residual: {str(residual).lower()}"
             )
 
     # ---------------------------------------------------------------- export at the end
@@ -905,8 +911,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
-    """A Lightning checkpoint of StereoT5 -> (plain state dict, codec, head kind)."""
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str, str, bool]:
+    """A Lightning checkpoint of StereoT5 -> (plain state dict, codec, head kind, residual)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # Lightning may pickle hyperparameter objects: our own files only
@@ -926,4 +932,4 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], str, str]:
         if head == "auto":
             levels = get_codec(hparams["codec"]).levels
             head = "full" if levels <= FULL_HEAD_MAX_LEVELS else "coarse_fine"
-    return state, hparams["codec"], head
+    return state, hparams["codec"], head, bool(hparams.get("residual"))
