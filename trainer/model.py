@@ -252,16 +252,18 @@ def to_residual(tokens: torch.Tensor, levels: int) -> torch.Tensor:
     likelihood over residuals is exactly the likelihood over levels."""
     mid = levels // 2
     valid = (tokens >= 0) & (tokens < levels)
-    prev = torch.cat([tokens.new_full((tokens.shape[0], 1), mid), tokens[:, :-1]], 1)
-    prev = torch.where((prev >= 0) & (prev < levels), prev, mid)
+    prev = _level_or_mid(_shift_right(tokens, IGNORE), levels)
     return torch.where(valid, (tokens - prev + mid) % levels, tokens)
 
 
 def from_residual(residuals: torch.Tensor, prev: torch.Tensor, levels: int) -> torch.Tensor:
     """Residual tokens and the levels before them (out of range: V/2) -> levels."""
-    mid = levels // 2
-    prev = torch.where((prev >= 0) & (prev < levels), prev, mid)
-    return (residuals + prev - mid) % levels
+    return (residuals + _level_or_mid(prev, levels) - levels // 2) % levels
+
+
+def _level_or_mid(tokens: torch.Tensor, levels: int) -> torch.Tensor:
+    """Audio levels as they are; pad, -100 or any other out-of-range token -> V/2."""
+    return torch.where((tokens >= 0) & (tokens < levels), tokens, levels // 2)
 
 
 def _shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
@@ -456,11 +458,7 @@ class StereoT5(pl.LightningModule):
         k of its sample)."""
         body = self.body
         if self.patch is not None:
-            if labels.shape[1] % self.patch_size:
-                raise ModelError(
-                    f"window of {labels.shape[1]} samples is not a multiple of patch_size "
-                    f"{self.patch_size}: use a seq_len divisible by it"
-                )
+            self._check_window(labels.shape[1])
             enc_in, dec_in = self.patch.global_inputs(input_ids, labels, self.pad_id)
             enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
             out = body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
@@ -537,10 +535,7 @@ class StereoT5(pl.LightningModule):
             body = self.body
             batch, length = input_ids.shape
             step = self.patch_size  # samples per decoder position
-            if length % step:
-                raise ModelError(
-                    f"window of {length} samples is not a multiple of patch_size {step}"
-                )
+            self._check_window(length)
             if self.patch is None:
                 enc_in = self.embed(input_ids)
             else:
@@ -578,6 +573,13 @@ class StereoT5(pl.LightningModule):
             mid = self.levels // 2
             tokens = (mid + torch.cumsum(tokens - mid, 1)) % self.levels
         return tokens, log_probs
+
+    def _check_window(self, length: int) -> None:
+        if length % self.patch_size:
+            raise ModelError(
+                f"window of {length} samples is not a multiple of patch_size "
+                f"{self.patch_size}: use a seq_len divisible by it"
+            )
 
     def _check_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
         """Out-of-range tokens are a codec mismatch between loader and model: say so."""
