@@ -48,6 +48,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from pipeline.codec import Codec, get_codec
 from pipeline.errors import PipelineError
+from trainer.attention import BLOCKWISE
 from trainer.embeddings import ValueEmbedding
 from trainer.patched import TwoLevel
 
@@ -305,6 +306,10 @@ class StereoT5(pl.LightningModule):
         local_d, local_layers, local_heads: the local model of P >= 2 (unused for P = 1).
         checkpoint_body: activation checkpointing of every T5 block (recomputed in backward):
             about 1/3 more compute for much less activation memory at long windows.
+        attn_block: 0: the body's attention is torch's sdpa, which with T5's learned position
+            bias keeps [B, H, L, L] scores per layer. N > 0: block-wise attention
+            (``trainer.attention``) over N query rows at a time, recomputed in backward: one
+            block's scores at a time, for one more pass of the score products.
         lr, weight_decay, warmup_steps: AdamW with linear warmup, then cosine decay to 10 % of
             lr at ``max_steps`` (None: the Trainer's max_steps or estimated stepping batches).
         compile: ``torch.compile`` the body's training forward (in ``configure_model``).
@@ -336,6 +341,7 @@ class StereoT5(pl.LightningModule):
         value_embed: bool = True,
         residual: bool = False,
         checkpoint_body: bool = False,
+        attn_block: int = 0,
         patch_size: int = 1,
         local_d: int = 128,
         local_layers: int = 2,
@@ -359,6 +365,8 @@ class StereoT5(pl.LightningModule):
             head = "full" if levels <= FULL_HEAD_MAX_LEVELS else "coarse_fine"
         if head not in HEADS:
             raise ModelError(f"unknown head {head!r}: use one of auto, {', '.join(HEADS)}")
+        if attn_block < 0:
+            raise ModelError(f"attn_block must be >= 0 (0: dense attention), got {attn_block}")
         if head_chunk < 1:
             raise ModelError(f"head_chunk must be >= 1, got {head_chunk}")
         if patch_size < 1 or max_len % patch_size:
@@ -387,7 +395,8 @@ class StereoT5(pl.LightningModule):
             eos_token_id=None,
             tie_word_embeddings=False,
             use_cache=False,
-            attn_implementation="sdpa",
+            attn_implementation=BLOCKWISE if attn_block else "sdpa",
+            attn_block=attn_block,
         )
         self.t5: nn.Module = T5Model(self.config)
         if checkpoint_body:
