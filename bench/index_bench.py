@@ -1,6 +1,7 @@
 """Index benchmark: first index (all cores) vs re-index of the unchanged tree vs a serial
-`soundfile.info` loop, on a generated tree of short files. Prints ratios from one run, and the
-floor of any re-index (stat every file, parse the index) beside it.
+`soundfile.info` loop, on a generated tree of short files. Prints ratios from one run, the
+floor of any re-index (stat every file, parse the index) beside it, and how much faster `jobs`
+processes ran plain Python than one just after: on a shared machine, the parallel ceiling.
 
     python bench/index_bench.py [--files 2000] [--seconds 0.5] [--jobs N]
 """
@@ -12,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,23 @@ def reindex_floor(root: Path, index: Path) -> int:
     return len(stats) + len(json.loads(index.read_bytes())["files"])
 
 
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
+def parallel_capacity(jobs: int, n: int = 1_500_000) -> float:
+    """How much faster `jobs` processes ran pure-Python work than one, just now: the most any
+    parallel contender can gain here (a shared or oversubscribed machine gives less than jobs)."""
+    with ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(_spin, [1] * jobs))  # workers started
+        t_one, _ = timed(lambda: [_spin(n) for _ in range(jobs)])
+        t_all, _ = timed(lambda: list(pool.map(_spin, [n] * jobs)))
+    return t_one / t_all
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -78,6 +97,7 @@ def main() -> None:
         t_first, first = timed(lambda: build_index(root, out, args.jobs, progress=False))
         t_again, again = timed(lambda: build_index(root, out, args.jobs, progress=False))
         t_floor, _ = timed(lambda: reindex_floor(root, out))
+        capacity = parallel_capacity(args.jobs) if args.jobs > 1 else 1.0
     assert first.opened == args.files and again.opened == 0
     assert sum(e.frames for e in first.index.files.values()) == serial_frames
     n = args.files
@@ -97,6 +117,10 @@ def main() -> None:
     print(
         f"first index is {t_serial / t_first:.2f}x the speed of the serial info loop "
         "(goal > 1x; the index also decodes the last frame of every compressed file)"
+    )
+    print(
+        f"this machine ran {args.jobs} processes of pure Python {capacity:.2f}x as fast as one "
+        "just after (the ceiling of any parallel speed-up here)"
     )
 
 

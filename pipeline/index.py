@@ -9,10 +9,10 @@ from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline.audio import is_audio_path, probe
+from pipeline.audio import is_audio_path, keep_decoder_buffers, probe
 from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
-from pipeline.parallel import map_batches, parallel_map
+from pipeline.parallel import map_batches
 from pipeline.records import AudioIndex, IndexEntry, Rejection, dumps
 
 
@@ -31,6 +31,12 @@ class _Found(NamedTuple):
 
 
 _NAME = attrgetter("name")
+# Probe with one worker thread beside this one up to this many jobs, with worker processes
+# beyond. soundfile lets one thread at a time open a file (a lock around sf_open, half of a
+# probe), so threads stop scaling after about two; up to there they win, as they cost no
+# process start or pickling (bench/index_bench.py's tree on 2 shared cores, best of 21:
+# 0.17 s with a thread, 0.20 s with a process).
+THREADS_UP_TO_JOBS = 2
 
 
 def default_index_path(root: Path) -> Path:
@@ -77,12 +83,13 @@ def _walk(root: Path) -> tuple[list[_Found], dict[str, list[str]], dict[str, Rej
                 why = f"broken symlink to {os.readlink(entry.path)}" if link else exc.strerror
                 broken[prefix + name] = Rejection(why or "cannot stat")
                 continue
+            entry_rel = prefix + name
             entry_real = os.path.realpath(entry.path) if link else f"{real}/{name}"
-            if entry_real in canonical_by_real:
-                aliases.setdefault(canonical_by_real[entry_real], []).append(prefix + name)
+            canonical = canonical_by_real.setdefault(entry_real, entry_rel)
+            if canonical is not entry_rel:
+                aliases.setdefault(canonical, []).append(entry_rel)
                 continue
-            canonical_by_real[entry_real] = prefix + name
-            found.append(_Found(prefix + name, entry.path, st.st_size, st.st_mtime_ns))
+            found.append(_Found(entry_rel, entry.path, st.st_size, st.st_mtime_ns))
 
     real_root = os.path.realpath(root)
     visit(str(root), "", real_root, frozenset({real_root}))
@@ -110,8 +117,14 @@ def _inspect(item: _Found, fingerprint: bool) -> IndexEntry | Rejection:
     )
 
 
+def _hash_batch(batch: list[tuple[str, str]]) -> list[str]:
+    """sha256 of each (rel, path): hashlib and file reads release the GIL, so threads share it."""
+    return [file_sha256(path) for _, path in batch]
+
+
 def _inspect_batch(batch: list[tuple[_Found, bool]]) -> list[IndexEntry | Rejection]:
     """`_inspect` over a batch of files (runs in this process or a worker)."""
+    keep_decoder_buffers()  # a spawned worker process starts without it
     return [_inspect(item, fingerprint) for item, fingerprint in batch]
 
 
@@ -152,11 +165,15 @@ def build_index(
         else:
             todo.append((item, item.bytes in shared_size))
     jobs = jobs or os.cpu_count() or 1
-    for (item, _), result in map_batches(_inspect_batch, todo, jobs, "index", progress):
+    threads = jobs <= THREADS_UP_TO_JOBS
+    for (item, _), result in map_batches(
+        _inspect_batch, todo, jobs, "index", progress, threads=threads
+    ):
         results[item.rel] = result
 
     index = AudioIndex(root=str(root), rejected=dict(broken))
     unhashed = []  # reused entries whose size a new file now shares
+    realiased = False
     for rel in sorted(results):
         result = results[rel]
         if isinstance(result, Rejection):
@@ -164,15 +181,24 @@ def build_index(
             continue
         if result.aliases != aliases.get(rel, []):  # a copy: `previous` stays as loaded
             result = replace(result, aliases=aliases.get(rel, []))
+            realiased = True
         index.files[rel] = result
         if result.sha256 is None and result.bytes in shared_size:
-            unhashed.append(rel)
-    paths = [os.path.join(root, rel) for rel in unhashed]
-    for rel, digest in zip(
-        unhashed, parallel_map(file_sha256, paths, jobs, "sha256", progress), strict=True
+            unhashed.append((rel, os.path.join(root, rel)))
+    for (rel, _), digest in map_batches(
+        _hash_batch, unhashed, jobs, "sha256", progress, batch=4, threads=True
     ):
         index.files[rel] = replace(index.files[rel], sha256=digest)
-    if index != previous:
+    # Nothing opened, re-aliased or hashed, and the same paths: every entry is the loaded one.
+    unchanged = (
+        previous is not None
+        and not todo
+        and not realiased
+        and not unhashed
+        and index.files.keys() == previous.files.keys()
+        and index.rejected == previous.rejected
+    )
+    if not unchanged and index != previous:
         index.save(out)
     if lengths_json is not None:
         atomic_write_text(Path(lengths_json), dumps(index.lengths()))

@@ -1,11 +1,17 @@
-"""Map a function over work items in worker processes, with a progress bar."""
+"""Map a function over work items in worker processes or threads, with a progress bar."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -61,6 +67,17 @@ def parallel_map(
         bar.close()
 
 
+class _NoBar:
+    def update(self, n: float = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_NO_BAR = _NoBar()
+
+
 def map_batches(
     fn: Callable[[list[T]], list[R]],
     items: Sequence[T],
@@ -68,36 +85,53 @@ def map_batches(
     desc: str,
     progress: bool = True,
     batch: int = 64,
+    threads: bool = False,
 ) -> Iterator[tuple[T, R]]:
     """Yield (item, result) pairs in no fixed order, where fn maps a batch of items to a list of
     their results: for many small tasks (a file header each), where per-task costs dominate.
 
-    This process works through batches itself, and starts a pool of `jobs - 1` workers only once
-    the batches done so far predict more than POOL_AFTER_S seconds of work left, so a small run
-    never pays for starting processes.
+    This process works through batches itself from the front, beside `jobs - 1` workers that
+    take batches from the end; batches shrink as the work runs out (down to batch / 8), so no
+    one waits long for the last batch of another. Worker processes start only once the batches
+    done so far predict more than POOL_AFTER_S seconds of work left, so a small run never pays
+    for starting processes. `threads=True` makes the workers threads, which start at once: for
+    an fn that spends its time in C calls that release the GIL (libsndfile through cffi,
+    hashlib, file reads).
     """
-    todo = deque(items[i : i + batch] for i in range(0, len(items), batch))
-    bar = tqdm(total=len(items), unit="file", desc=desc, disable=not progress or not items)
-    pool: ProcessPoolExecutor | None = None
+    lo, hi = 0, len(items)  # items[lo:hi] are not taken yet
+    smallest = max(1, batch // 8)
+
+    def size() -> int:
+        return max(smallest, min(batch, (hi - lo) // (2 * jobs)))
+
+    bar = (
+        tqdm(total=len(items), unit="file", desc=desc)
+        if progress and len(items)
+        else _NO_BAR  # a disabled tqdm still starts tqdm's monitor thread: ms on a busy machine
+    )
+    pool: Executor | None = None
     running: dict[Future[list[R]], Sequence[T]] = {}
-    start, done = time.perf_counter(), 0
+    start = time.perf_counter()
     try:
-        while todo or running:
+        while lo < hi or running:
+            if pool is None and jobs > 1 and hi - lo > batch:
+                if threads:
+                    pool = ThreadPoolExecutor(jobs - 1)
+                elif lo and (hi - lo) * (time.perf_counter() - start) / lo > POOL_AFTER_S:
+                    pool = ProcessPoolExecutor(jobs - 1)
             for future in [f for f in running if f.done()]:
                 chunk = running.pop(future)
                 yield from zip(chunk, future.result(), strict=True)
                 bar.update(len(chunk))
-            while pool is not None and todo and len(running) < 2 * (jobs - 1):
-                chunk = todo.pop()  # workers take from the end, this process from the front
+            while pool is not None and lo < hi and len(running) < 2 * (jobs - 1):
+                chunk = items[max(lo, hi - size()) : hi]
+                hi -= len(chunk)
                 running[pool.submit(fn, list(chunk))] = chunk
-            if todo:
-                chunk = todo.popleft()
+            if lo < hi:
+                chunk = items[lo : min(hi, lo + size())]
+                lo += len(chunk)
                 yield from zip(chunk, fn(list(chunk)), strict=True)
                 bar.update(len(chunk))
-                done += len(chunk)
-                left = (len(items) - done) * (time.perf_counter() - start) / done
-                if pool is None and jobs > 1 and left > POOL_AFTER_S:
-                    pool = ProcessPoolExecutor(jobs - 1)
             elif running:
                 wait(running, return_when=FIRST_COMPLETED)
     finally:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,12 +141,23 @@ def test_reindex_opens_nothing_then_only_the_touched_file(good_tree, tmp_path):
 
 def test_parallel_index_equals_serial(good_tree, tmp_path, monkeypatch):
     monkeypatch.setattr(parallel, "POOL_AFTER_S", 0.0)  # workers even for this small tree
-    for i in range(140):  # batches of 64: this process takes the first, a worker the rest
+    for i in range(140):  # this process takes the first batch, a worker others
         _write(good_tree / "many" / f"f{i:03d}.{('wav', 'flac')[i % 2]}", 100 + i)
-    serial = index_mod.build_index(good_tree, tmp_path / "a.json", jobs=1, progress=False)
-    pooled = index_mod.build_index(good_tree, tmp_path / "b.json", jobs=2, progress=False)
-    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert serial.opened == pooled.opened == 144
+    cut = _write(good_tree / "many" / "cut.flac", 40000)
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    shutil.copy(cut, good_tree / "many" / "copy.flac")  # same size: hashed by the workers
+    assert index_mod.THREADS_UP_TO_JOBS == 2
+    results, saved = {}, set()
+    for jobs in (1, 2, 3):  # this process alone, a worker thread, worker processes
+        out = tmp_path / f"{jobs}.json"
+        results[jobs] = index_mod.build_index(good_tree, out, jobs=jobs, progress=False)
+        saved.add(out.read_bytes())
+    assert len(saved) == 1
+    assert {r.opened for r in results.values()} == {146}
+    files = results[1].index.files
+    assert files["many/cut.flac"].header_frames == 40000
+    assert files["many/cut.flac"].sha256 == files["many/copy.flac"].sha256 is not None
 
 
 def test_interrupted_write_leaves_previous_index_intact(good_tree, tmp_path, monkeypatch):
@@ -230,12 +242,21 @@ def _pids(batch: list[int]) -> list[int]:
     return [os.getpid()] * len(batch)
 
 
+def _threads(batch: list[int]) -> list[int]:
+    time.sleep(0.002)  # the GIL is free meanwhile, as in a libsndfile or hashlib call
+    return [threading.get_ident()] * len(batch)
+
+
 def test_map_batches_shares_the_work_with_workers_and_loses_nothing(monkeypatch):
     monkeypatch.setattr(parallel, "POOL_AFTER_S", 0.0)
     pairs = list(parallel.map_batches(_pids, range(400), 3, "test", progress=False, batch=10))
     assert sorted(item for item, _ in pairs) == list(range(400))
     pids = {pid for _, pid in pairs}
     assert os.getpid() in pids and len(pids) > 1
+    threaded = list(parallel.map_batches(_threads, range(400), 2, "t", False, 10, threads=True))
+    assert sorted(item for item, _ in threaded) == list(range(400))
+    assert threading.get_ident() in {ident for _, ident in threaded}
+    assert len({ident for _, ident in threaded}) == 2
     monkeypatch.setattr(parallel, "POOL_AFTER_S", 60.0)  # little work: no pool at all
     assert {pid for _, pid in parallel.map_batches(_pids, range(30), 3, "t", False)} == {
         os.getpid()
