@@ -2,7 +2,7 @@
 
 - heads: seconds per step and peak activation memory for `full`, `chunked` and `coarse_fine`
   (align off and on) next to the same body with a 256-way head (the floor any 16-bit head can
-  reach), each also with activation checkpointing of the body (`checkpoint_body`);
+  reach), each also with the body's attention block-wise (`attn_block`, trainer/attention.py);
 - patches: the per-sample model (P = 1) against the patched encoder / two-level decoder
   (P = 8, 16) at L = 2048, 8192, 16384 (P = 1 only where its L x L attention fits);
 - budget: P = 1 at L = 2048 and P = 16 at L = 16384 trained for the same wall-clock seconds on
@@ -33,17 +33,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BODY = dict(d_model=256, d_ff=1024, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=64)
 LOCAL = dict(local_d=128, local_layers=2, local_heads=4)
 BATCH = 2
-# heads part: (label, head, align, checkpoint_body); "floor256" is a 256-class full head
+# heads part: (label, head, align, blocks); "floor256" is a 256-class full head; blocks: the
+# body's attention block-wise (`attn_block` = ATTN_BLOCK query rows) instead of dense sdpa
+ATTN_BLOCK = 256
 HEAD_ROWS = [
     ("full", "full", False, False),
     ("chunked", "chunked", False, False),
     ("coarse_fine", "coarse_fine", False, False),
     ("coarse_fine+align", "coarse_fine", True, False),
     ("floor256", "floor256", False, False),
-    ("full+ckpt", "full", False, True),
-    ("chunked+ckpt", "chunked", False, True),
-    ("coarse_fine+ckpt", "coarse_fine", False, True),
-    ("floor256+ckpt", "floor256", False, True),
+    ("full+blocks", "full", False, True),
+    ("chunked+blocks", "chunked", False, True),
+    ("coarse_fine+blocks", "coarse_fine", False, True),
+    ("floor256+blocks", "floor256", False, True),
 ]
 # patches part: (L, P); P = 1 at 16384 would hold 2 x 4 x 16384^2 fp32 attention scores per
 # layer (8.6 GB, several times over in backward): not run
@@ -73,7 +75,7 @@ def step_worker(spec: dict) -> dict:
         align=spec["align"],
         max_len=length,
         warmup_steps=0,
-        checkpoint_body=spec["ckpt"],
+        attn_block=ATTN_BLOCK if spec["blocks"] else 0,
         patch_size=spec["patch"],
         **(LOCAL if spec["patch"] > 1 else {}),
         **BODY,
@@ -192,11 +194,11 @@ def run_worker(kind: str, spec: dict) -> dict:
     return {**spec, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def step_spec(head="coarse_fine", align=False, ckpt=False, patch=1, length=2048, args=None):
+def step_spec(head="coarse_fine", align=False, blocks=False, patch=1, length=2048, args=None):
     return dict(
         head=head,
         align=align,
-        ckpt=ckpt,
+        blocks=blocks,
         patch=patch,
         length=length,
         steps=args.steps,
@@ -208,7 +210,7 @@ def heads_part(args) -> None:
     print(
         f"heads: pcm16 (65536 levels), T5 d {BODY['d_model']}, {BODY['num_layers']}+"
         f"{BODY['num_decoder_layers']} layers, gated-gelu d_ff {BODY['d_ff']}, batch {BATCH}; "
-        "+ckpt = checkpoint_body"
+        f"+blocks = block-wise attention in the body (attn_block {ATTN_BLOCK})"
     )
     header = (
         f"{'L':>5}  {'head':<18}{'s/step':>8}{'min s':>7}{'full/x':>8}{'peak MB':>9}{'act MB':>8}"
@@ -217,12 +219,12 @@ def heads_part(args) -> None:
     summary = []
     for length in [1024] if args.quick else [1024, 2048]:
         rows = {
-            label: run_worker("step", step_spec(head, align, ckpt, 1, length, args))
-            for label, head, align, ckpt in HEAD_ROWS
+            label: run_worker("step", step_spec(head, align, blocks, 1, length, args))
+            for label, head, align, blocks in HEAD_ROWS
         }
         print(header)
         for label, r in rows.items():
-            suffix = "+ckpt" if r["ckpt"] else ""
+            suffix = "+blocks" if r["blocks"] else ""
             full, floor = rows["full" + suffix], rows["floor256" + suffix]
             print(
                 f"{length:>5}  {label:<18}{r['s_per_step']:>8.2f}{r['min_s']:>7.2f}"
@@ -232,7 +234,7 @@ def heads_part(args) -> None:
                 f"{r['act_mb'] - floor['act_mb']:>+13.0f}",
                 flush=True,
             )
-        for suffix in ("", "+ckpt"):
+        for suffix in ("", "+blocks"):
             full = rows["full" + suffix]
             for label in ("chunked", "coarse_fine"):
                 r = rows[label + suffix]

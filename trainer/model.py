@@ -367,6 +367,8 @@ class StereoT5(pl.LightningModule):
             raise ModelError(f"unknown head {head!r}: use one of auto, {', '.join(HEADS)}")
         if attn_block < 0:
             raise ModelError(f"attn_block must be >= 0 (0: dense attention), got {attn_block}")
+        if attn_block and dropout > 0:
+            raise ModelError("attn_block has no attention dropout: use dropout 0 or attn_block 0")
         if head_chunk < 1:
             raise ModelError(f"head_chunk must be >= 1, got {head_chunk}")
         if patch_size < 1 or max_len % patch_size:
@@ -398,6 +400,10 @@ class StereoT5(pl.LightningModule):
             attn_implementation=BLOCKWISE if attn_block else "sdpa",
             attn_block=attn_block,
         )
+        if self.config.dense_act_fn == "gelu_new":
+            # the same tanh-GELU (equal to 1e-15) in one fused op: autograd keeps its input only,
+            # where gelu_new's five elementwise steps keep five [B, L, d_ff] tensors per layer
+            self.config.dense_act_fn = "gelu_pytorch_tanh"
         self.t5: nn.Module = T5Model(self.config)
         if checkpoint_body:
             self.t5.gradient_checkpointing_enable({"use_reentrant": False})
