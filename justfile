@@ -8,14 +8,16 @@ default:
     @just --list
 
 # the whole system on a synthetic corpus: synth -> index -> shard -> verify -> train -> evaluate
+# (one torch thread for fit and evaluate: a tiny model's small ops lose more to two threads
+# contending for 2 cores, and to the loader workers, than they gain)
 demo:
     rm -rf shards/demo shards/demo-audio runs/tiny
     {{python}} -m pipeline synth shards/demo-audio --tracks 8 --seconds 12 --seed 0
     {{python}} -m pipeline index shards/demo-audio --out shards/demo/index.json --quiet
     {{python}} -m pipeline shard shards/demo/index.json --chunk-frames 16384 --shard-bytes 8MB --quiet
     {{python}} -m pipeline verify shards/demo --against-source --quiet
-    {{python}} -m trainer fit --config configs/tiny.yaml --trainer.enable_progress_bar false
-    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 8 --no-progress
+    OMP_NUM_THREADS=1 {{python}} -m trainer fit --config configs/tiny.yaml --trainer.enable_progress_bar false
+    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 8 --no-progress --threads 1
 
 # scan an audio tree into shards/<ROOT name>/index.json
 index ROOT *ARGS:

@@ -279,6 +279,8 @@ GENERATION_CASES = {
     "patched-mulaw8-full": dict(codec="mulaw8", head="full", **PATCH),
     "patched-coarse_fine-align": dict(codec="pcm16", head="coarse_fine", align=True, **PATCH),
     "patched-residual": dict(codec="pcm16", head="coarse_fine", align=True, residual=True, **PATCH),
+    "logistic-align": dict(codec="pcm16", head="logistic", align=True, lpc_order=4, lpc_block=4),
+    "logistic-mulaw8": dict(codec="mulaw8", head="logistic", lpc_taps=0, mixtures=1),
 }
 
 

@@ -17,6 +17,11 @@ per-position NLL in nats (0 where ignored) and an argmax prediction:
   (``token & (2**low_bits - 1)``), 256 + 256 for pcm16. ``-log p(token) = -log p(high) -
   log p(low | high)``: the same likelihood by the chain rule. The low head sees the true high
   part in training (teacher forcing) and the argmax/sampled one in generation.
+- ``logistic`` (``trainer.logistic``): a discretized logistic mixture over the V levels (exact
+  per-level probabilities from CDF differences) whose means follow a backward-adaptive linear
+  predictor of the target from its own past and the input around t, and whose scales and
+  weights an MLP sets from the decoder state and the recent error level. Per-position NLL in
+  nats like the others; the prediction is the mixture's mode. Needs patch_size 1, no residual.
 
 Metrics are exact over any number of batches: every step reduces to sums (NLL, target count,
 correct argmaxes, signal and error energy in int16 units) and the reported values are ratios of
@@ -50,6 +55,7 @@ from pipeline.codec import Codec, get_codec
 from pipeline.errors import PipelineError
 from trainer.attention import BLOCKWISE
 from trainer.embeddings import ValueEmbedding
+from trainer.logistic import LogisticHead
 from trainer.patched import TwoLevel
 
 __all__ = [
@@ -64,7 +70,7 @@ __all__ = [
 ]
 
 IGNORE = -100
-HEADS = ("full", "chunked", "coarse_fine")
+HEADS = ("full", "chunked", "coarse_fine", "logistic")
 FULL_HEAD_MAX_LEVELS = 4096  # head="auto": full up to 4096 levels (16 MB of fp32 logits/1k tokens)
 LORA_TARGETS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]  # §10: gated FFNs have no `wi`
 EXPORT_FORMAT = "stereo-t5/1"
@@ -289,8 +295,14 @@ class StereoT5(pl.LightningModule):
             GLU-variants study; 3 FFN matrices instead of 2) or ``relu`` (original T5).
         max_len: training window; T5's ``relative_attention_max_distance`` (its default 128
             puts every offset above 128 samples, 3 ms at 44.1 kHz, into one bucket).
-        head: ``full``, ``chunked``, ``coarse_fine`` or ``auto`` (full up to 4096 levels,
-            else coarse_fine).
+        head: ``full``, ``chunked``, ``coarse_fine``, ``logistic`` or ``auto`` (full up to
+            4096 levels, else coarse_fine). ``logistic`` (``trainer.logistic``): a discretized
+            logistic mixture over the levels around a backward-adaptive linear predictor of
+            the target from its past and the input around t; needs patch_size 1 and no
+            residual.
+        mixtures, lpc_order, lpc_taps, lpc_block, lpc_forget: the logistic head's components,
+            past target samples, input samples each side of t, samples per predictor refit
+            and per-block weight of older blocks in the refit (unused by other heads).
         head_chunk: sequence positions per chunk for ``chunked``.
         align: add a learned embedding of input token t to decoder input t (cross-attention has
             no positions, so without it the decoder must find its input sample by content).
@@ -337,6 +349,11 @@ class StereoT5(pl.LightningModule):
         max_len: int = 2048,
         head: str = "auto",
         head_chunk: int = 256,
+        mixtures: int = 4,
+        lpc_order: int = 16,
+        lpc_taps: int = 16,
+        lpc_block: int = 16,
+        lpc_forget: float = 0.8,
         align: bool = False,
         value_embed: bool = True,
         residual: bool = False,
@@ -378,6 +395,16 @@ class StereoT5(pl.LightningModule):
             )
         self.patch_size = patch_size
         patched = patch_size > 1
+        if head == "logistic" and residual:
+            raise ModelError(
+                "head logistic models the levels themselves (its predictor is the residual "
+                "coder): set residual: false"
+            )
+        if head == "logistic" and patched:
+            raise ModelError(
+                f"head logistic predicts one sample per decoder position: set patch_size: 1 "
+                f"(got {patch_size})"
+            )
         self.head_kind = head
 
         self.config = T5Config(
@@ -428,6 +455,13 @@ class StereoT5(pl.LightningModule):
         head_in = local_d if patched else d_model
         if head == "coarse_fine":
             self.head: nn.Module = CoarseFineHead(head_in, levels)
+        elif head == "logistic":
+            try:
+                self.head = LogisticHead(
+                    head_in, levels, mixtures, lpc_order, lpc_taps, lpc_block, lpc_forget
+                )
+            except ValueError as exc:
+                raise ModelError(str(exc)) from None
         else:
             self.head = SoftmaxHead(head_in, levels, head_chunk if head == "chunked" else None)
         per_sample = not patched
@@ -499,6 +533,8 @@ class StereoT5(pl.LightningModule):
             inputs, targets = to_residual(input_ids, self.levels), to_residual(labels, self.levels)
             nll, pred = self.head(self(inputs, targets), targets)
             pred = from_residual(pred, _shift_right(labels, IGNORE), self.levels)
+        elif self.head_kind == "logistic":
+            nll, pred = self.head(self(input_ids, labels), labels, input_ids)
         else:
             nll, pred = self.head(self(input_ids, labels), labels)
         keep = labels != IGNORE
@@ -534,7 +570,9 @@ class StereoT5(pl.LightningModule):
         Args:
             input_ids: [B, L] input-channel tokens (0..V, V = pad).
             temperature: 0 = argmax; > 0 samples from softmax(logits / temperature) (for
-                coarse_fine: the high part, then the low part given the sampled high part).
+                coarse_fine: the high part, then the low part given the sampled high part;
+                logistic: greedy is the mixture's mode, sampling picks a component from
+                softmax(logits / T), then a logistic of T times its scale).
             generator: torch RNG for sampling.
 
         Returns:
@@ -560,7 +598,12 @@ class StereoT5(pl.LightningModule):
             cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
             tokens = input_ids.new_full((batch, length), self.pad_id)
             log_probs = torch.empty((batch, length), device=input_ids.device)
-            pick = functools.partial(self.head.step, temperature=temperature, generator=generator)
+            if self.head_kind == "logistic":
+                pick = self.head.stepper(input_ids, temperature, generator)
+            else:
+                pick = functools.partial(
+                    self.head.step, temperature=temperature, generator=generator
+                )
             for start in range(0, length, step):
                 # the decoder input: the step before's tokens (pad at the start)
                 previous = tokens[:, start - step : start] if start else tokens[:, :step]
@@ -885,7 +928,8 @@ class StereoT5(pl.LightningModule):
                 f"{path}: trained with codec {source.name} ({source.levels} levels), this model "
                 f"uses {self.codec.name} ({self.levels} levels): set codec: {source.name}"
             )
-        if (head == "coarse_fine") != (self.head_kind == "coarse_fine"):
+        family = {"chunked": "full"}  # the same Linear: a checkpoint moves between the two
+        if family.get(head, head) != family.get(self.head_kind, self.head_kind):
             raise ModelError(
                 f"{path}: has a {head} head, this model a {self.head_kind} head: set head: {head}"
             )
