@@ -11,9 +11,7 @@ to [-32768, 32767]. libsndfile's own int16 read truncates 24-bit and zeroes some
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,32 +171,6 @@ def readable_frames(path: str | os.PathLike, header_frames: int) -> int:
         else:
             hi = mid
     return lo + 1
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
-_malloc_tuned = False
-
-
-def keep_decoder_buffers() -> None:
-    """Let freed decoder buffers stay in the heap (glibc only; elsewhere this does nothing).
-
-    libsndfile callocs 256 KiB per channel when a FLAC handle first decodes a frame. Under
-    glibc's default (dynamic) thresholds that memory goes back to the kernel when the handle
-    closes, so the next file faults it in and zeroes it again: nearly half of a FLAC `probe`
-    (205 -> 115 us per file here, 320 -> 115 us in a worker thread). Fixed thresholds keep it:
-    blocks up to 4 MiB come from the heap, and up to 64 MiB of freed heap stays with the
-    process. Process-wide and idempotent; the index calls it wherever it probes.
-    """
-    global _malloc_tuned
-    if _malloc_tuned or not sys.platform.startswith("linux"):
-        return
-    _malloc_tuned = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # a libc without mallopt (musl)
-        return
-    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def probe(path: str | os.PathLike) -> AudioInfo:

@@ -9,7 +9,7 @@ from operator import attrgetter
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline.audio import is_audio_path, keep_decoder_buffers, probe
+from pipeline.audio import is_audio_path, probe
 from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
 from pipeline.parallel import map_batches
@@ -31,12 +31,6 @@ class _Found(NamedTuple):
 
 
 _NAME = attrgetter("name")
-# Probe with one worker thread beside this one up to this many jobs, with worker processes
-# beyond. soundfile lets one thread at a time open a file (a lock around sf_open, half of a
-# probe), so threads stop scaling after about two; up to there they win, as they cost no
-# process start or pickling (bench/index_bench.py's tree on 2 shared cores, best of 21:
-# 0.17 s with a thread, 0.20 s with a process).
-THREADS_UP_TO_JOBS = 2
 
 
 def default_index_path(root: Path) -> Path:
@@ -124,7 +118,6 @@ def _hash_batch(batch: list[tuple[str, str]]) -> list[str]:
 
 def _inspect_batch(batch: list[tuple[_Found, bool]]) -> list[IndexEntry | Rejection]:
     """`_inspect` over a batch of files (runs in this process or a worker)."""
-    keep_decoder_buffers()  # a spawned worker process starts without it
     return [_inspect(item, fingerprint) for item, fingerprint in batch]
 
 
@@ -165,10 +158,10 @@ def build_index(
         else:
             todo.append((item, item.bytes in shared_size))
     jobs = jobs or os.cpu_count() or 1
-    threads = jobs <= THREADS_UP_TO_JOBS
-    for (item, _), result in map_batches(
-        _inspect_batch, todo, jobs, "index", progress, threads=threads
-    ):
+    # Worker processes, not threads: on 2 quiet cores a probe thread beside this one made the
+    # first index slower (0.23 s vs 0.135 s for bench/index_bench.py's tree), soundfile's lock
+    # around sf_open and the GIL serialising most of a probe.
+    for (item, _), result in map_batches(_inspect_batch, todo, jobs, "index", progress):
         results[item.rel] = result
 
     index = AudioIndex(root=str(root), rejected=dict(broken))
