@@ -2,7 +2,8 @@
 
 - heads: seconds per step and peak activation memory for `full`, `chunked` and `coarse_fine`
   (align off and on) next to the same body with a 256-way head (the floor any 16-bit head can
-  reach), each also with the body's attention block-wise (`attn_block`, trainer/attention.py);
+  reach), each also with the body's attention block-wise (`attn_block`, trainer/attention.py)
+  and with that plus activation checkpointing of the body (`checkpoint_body`);
 - patches: the per-sample model (P = 1) against the patched encoder / two-level decoder
   (P = 8, 16) at L = 2048, 8192, 16384 (P = 1 only where its L x L attention fits);
 - budget: P = 1 at L = 2048 and P = 16 at L = 16384 trained for the same wall-clock seconds on
@@ -33,25 +34,29 @@ ROOT = Path(__file__).resolve().parents[1]
 BODY = dict(d_model=256, d_ff=1024, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=64)
 LOCAL = dict(local_d=128, local_layers=2, local_heads=4)
 BATCH = 2
-# heads part: (label, head, align, blocks); "floor256" is a 256-class full head; blocks: the
-# body's attention block-wise (`attn_block` = ATTN_BLOCK query rows) instead of dense sdpa
+# heads part: (label, head, align, blocks, ckpt); "floor256" is a 256-class full head. Bodies:
+# dense sdpa; "+blocks": block-wise attention (`attn_block` = ATTN_BLOCK query rows); "+lean":
+# block-wise attention and every T5 block recomputed in backward (`checkpoint_body`)
 ATTN_BLOCK = 256
+BODIES = {"": (False, False), "+blocks": (True, False), "+lean": (True, True)}
 HEAD_ROWS = [
-    ("full", "full", False, False),
-    ("chunked", "chunked", False, False),
-    ("coarse_fine", "coarse_fine", False, False),
-    ("coarse_fine+align", "coarse_fine", True, False),
-    ("floor256", "floor256", False, False),
-    ("full+blocks", "full", False, True),
-    ("chunked+blocks", "chunked", False, True),
-    ("coarse_fine+blocks", "coarse_fine", False, True),
-    ("floor256+blocks", "floor256", False, True),
+    (label + body, head, align, *BODIES[body])
+    for body in BODIES
+    for label, head, align in [
+        ("full", "full", False),
+        ("chunked", "chunked", False),
+        ("coarse_fine", "coarse_fine", False),
+        ("coarse_fine+align", "coarse_fine", True),
+        ("floor256", "floor256", False),
+    ]
+    if not (body and align)
 ]
 # patches part: (L, P); P = 1 at 16384 would hold 2 x 4 x 16384^2 fp32 attention scores per
 # layer (8.6 GB, several times over in backward): not run
 PATCH_ROWS = [(2048, 1), (2048, 8), (2048, 16), (8192, 1), (8192, 8), (8192, 16), (16384, 8)]
 PATCH_ROWS.append((16384, 16))
-# budget part: the tiny CPU body of configs/tiny.yaml; (label, L, P, batch): equal tokens/step
+# budget part: a tiny CPU body (the demo's before its logistic head); (label, L, P, batch):
+# equal tokens/step
 TINY_BODY = dict(d_model=64, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=16)
 BUDGET_ROWS = [("P=1, L=2048", 2048, 1, 8), ("P=16, L=16384", 16384, 16, 1)]
 LN2 = 0.6931471805599453
@@ -76,6 +81,7 @@ def step_worker(spec: dict) -> dict:
         max_len=length,
         warmup_steps=0,
         attn_block=ATTN_BLOCK if spec["blocks"] else 0,
+        checkpoint_body=spec["ckpt"],
         patch_size=spec["patch"],
         **(LOCAL if spec["patch"] > 1 else {}),
         **BODY,
@@ -194,11 +200,14 @@ def run_worker(kind: str, spec: dict) -> dict:
     return {**spec, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def step_spec(head="coarse_fine", align=False, blocks=False, patch=1, length=2048, args=None):
+def step_spec(
+    head="coarse_fine", align=False, blocks=False, ckpt=False, patch=1, length=2048, args=None
+):
     return dict(
         head=head,
         align=align,
         blocks=blocks,
+        ckpt=ckpt,
         patch=patch,
         length=length,
         steps=args.steps,
@@ -210,7 +219,8 @@ def heads_part(args) -> None:
     print(
         f"heads: pcm16 (65536 levels), T5 d {BODY['d_model']}, {BODY['num_layers']}+"
         f"{BODY['num_decoder_layers']} layers, gated-gelu d_ff {BODY['d_ff']}, batch {BATCH}; "
-        f"+blocks = block-wise attention in the body (attn_block {ATTN_BLOCK})"
+        f"+blocks = block-wise attention (attn_block {ATTN_BLOCK}); +lean = +blocks and "
+        "checkpoint_body"
     )
     header = (
         f"{'L':>5}  {'head':<18}{'s/step':>8}{'min s':>7}{'full/x':>8}{'peak MB':>9}{'act MB':>8}"
@@ -219,12 +229,12 @@ def heads_part(args) -> None:
     summary = []
     for length in [1024] if args.quick else [1024, 2048]:
         rows = {
-            label: run_worker("step", step_spec(head, align, blocks, 1, length, args))
-            for label, head, align, blocks in HEAD_ROWS
+            label: run_worker("step", step_spec(head, align, blocks, ckpt, 1, length, args))
+            for label, head, align, blocks, ckpt in HEAD_ROWS
         }
         print(header)
         for label, r in rows.items():
-            suffix = "+blocks" if r["blocks"] else ""
+            suffix = next(body for body, kind in BODIES.items() if kind == (r["blocks"], r["ckpt"]))
             full, floor = rows["full" + suffix], rows["floor256" + suffix]
             print(
                 f"{length:>5}  {label:<18}{r['s_per_step']:>8.2f}{r['min_s']:>7.2f}"
@@ -234,7 +244,7 @@ def heads_part(args) -> None:
                 f"{r['act_mb'] - floor['act_mb']:>+13.0f}",
                 flush=True,
             )
-        for suffix in ("", "+blocks"):
+        for suffix in BODIES:
             full = rows["full" + suffix]
             for label in ("chunked", "coarse_fine"):
                 r = rows[label + suffix]
@@ -258,7 +268,7 @@ def patches_part(args) -> None:
     rows = [(length, patch) for length, patch in PATCH_ROWS if not args.quick or length == 2048]
     first = None
     for length, patch in rows:
-        r = run_worker("step", step_spec("coarse_fine", True, False, patch, length, args))
+        r = run_worker("step", step_spec("coarse_fine", True, False, False, patch, length, args))
         first = first or r
         print(
             f"{length:>6}{patch:>4}{length // patch:>10}{r['s_per_step']:>8.2f}{r['min_s']:>7.2f}"
