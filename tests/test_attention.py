@@ -1,4 +1,5 @@
-"""Block-wise attention (`attn_block`): the same function as sdpa, one block of rows at a time."""
+"""Block-wise attention (`attn_block`): the same function as sdpa, one block of rows at a time,
+with T5's position bias given whole or by offset."""
 
 from __future__ import annotations
 
@@ -64,6 +65,25 @@ def test_function_equals_sdpa_values_and_gradients(block: int, mask_kind: str) -
     torch.testing.assert_close(out, ref)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, bias))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bias_by_offset_equals_the_expanded_bias(causal: bool) -> None:
+    q, k, v = _qkv(20, 20)
+    by_offset = torch.randn(1, 3, 39, dtype=torch.float64, requires_grad=True)
+    offsets = torch.arange(20)[None, :] - torch.arange(20)[:, None] + 19  # key j - row i + Lq-1
+    out, _ = blockwise_attention(
+        _Module(causal, 7), q, k, v, None, scaling=0.125, position_bias=by_offset
+    )
+    mask = by_offset[..., offsets]
+    if causal:
+        mask = mask.masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), float("-inf"))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v, by_offset))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, by_offset))
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want)
 

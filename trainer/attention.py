@@ -14,6 +14,8 @@ so the model's causal and padding masks arrive in the same form sdpa gets them.
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -74,8 +76,19 @@ class _Blockwise(torch.autograd.Function):
             yield slice(start, stop), keys, start if ctx.causal else None
 
     @staticmethod
+    def _offsets(query, key, rows, keys) -> torch.Tensor:
+        """Index into an offset bias [.., Lq + Lk - 1] of each (row, key) of a block."""
+        cols = torch.arange(key.shape[-2], device=key.device)[keys]
+        lines = torch.arange(rows.start, rows.stop, device=key.device)
+        return cols[None, :] - lines[:, None] + (query.shape[-2] - 1)
+
+    @staticmethod
     def _block_scores(ctx, query, key, bias, mask, rows, keys, causal_from):
-        bias = None if bias is None else _rows(bias, rows.start, rows.stop)[..., keys]
+        if bias is not None:
+            if bias.ndim == 3:  # by offset (offset_bias): expanded one block at a time
+                bias = bias[..., _Blockwise._offsets(query, key, rows, keys)]
+            else:
+                bias = _rows(bias, rows.start, rows.stop)[..., keys]
         mask = _rows(mask, rows.start, rows.stop)
         return _scores(query[..., rows, :], key[..., keys, :], bias, mask, causal_from, ctx.scaling)
 
@@ -110,7 +123,11 @@ class _Blockwise(torch.autograd.Function):
             grad_v[..., keys, :] += torch.matmul(probs.to(value.dtype).transpose(-1, -2), g)
             grad_s = torch.matmul(g, value[..., keys, :].transpose(-1, -2)).to(probs.dtype)
             grad_s.sub_(delta[..., rows, :]).mul_(probs)
-            if bias_grad:
+            if bias_grad and bias.ndim == 3:
+                heads = grad_s.sum_to_size(*bias.shape[:-1], *grad_s.shape[-2:]).flatten(-2)
+                offsets = _Blockwise._offsets(query, key, rows, keys).flatten()
+                grad_bias.index_add_(-1, offsets, heads.to(grad_bias.dtype))
+            elif bias_grad:
                 rows_grad = _rows(grad_bias, rows.start, rows.stop)[..., keys]
                 rows_grad += grad_s.sum_to_size(rows_grad.shape).to(rows_grad.dtype)
             if ctx.scaling != 1.0:
@@ -145,6 +162,36 @@ def blockwise_attention(
         query, key, value, position_bias, attention_mask, causal, scaling, module.config.attn_block
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _offset_bias(
+    self: nn.Module,
+    query_length: int,
+    key_length: int,
+    device: torch.device | None = None,
+    past_seen_tokens: int | torch.Tensor = 0,
+) -> torch.Tensor:
+    """T5Attention.compute_bias by offset: [1, H, Lq + Lk - 1], entry k holding the bias of
+    key j for query row i where j - i = k - (Lq - 1). T5's own [1, H, Lq, Lk] tensor (and its
+    gradient) is O(L^2) per stack; blockwise_attention expands this one block at a time."""
+    device = device if device is not None else self.relative_attention_bias.weight.device
+    seen = int(past_seen_tokens)
+    relative = torch.arange(-(seen + query_length - 1), key_length - seen, device=device)
+    buckets = self._relative_position_bucket(
+        relative,
+        bidirectional=not self.is_decoder,
+        num_buckets=self.relative_attention_num_buckets,
+        max_distance=self.relative_attention_max_distance,
+    )
+    return self.relative_attention_bias(buckets).T.unsqueeze(0)
+
+
+def use_offset_bias(model: nn.Module) -> None:
+    """Make every T5 attention layer that owns the relative position bias build it by offset
+    (only blockwise_attention reads that form: call this with attn_block only)."""
+    for module in model.modules():
+        if getattr(module, "has_relative_attention_bias", False):
+            module.compute_bias = types.MethodType(_offset_bias, module)
 
 
 AttentionInterface.register(BLOCKWISE, blockwise_attention)

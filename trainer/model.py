@@ -53,7 +53,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from pipeline.codec import Codec, get_codec
 from pipeline.errors import PipelineError
-from trainer.attention import BLOCKWISE
+from trainer.attention import BLOCKWISE, use_offset_bias
 from trainer.embeddings import ValueEmbedding
 from trainer.logistic import LogisticHead
 from trainer.patched import TwoLevel
@@ -432,6 +432,8 @@ class StereoT5(pl.LightningModule):
             # where gelu_new's five elementwise steps keep five [B, L, d_ff] tensors per layer
             self.config.dense_act_fn = "gelu_pytorch_tanh"
         self.t5: nn.Module = T5Model(self.config)
+        if attn_block:
+            use_offset_bias(self.t5)
         if checkpoint_body:
             self.t5.gradient_checkpointing_enable({"use_reentrant": False})
         self.residual = residual
