@@ -40,6 +40,18 @@ def _qkv(q_len: int, k_len: int) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _assert_matches_sdpa(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], mask) -> None:
+    """out equals sdpa (scale 0.125) under `mask`, and so do the gradients of q, k, v and the
+    bias (inputs[3], from which the mask was built)."""
+    q, k, v, _ = inputs
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    ref_grads = torch.autograd.grad(ref.square().sum(), inputs)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("block", [1, 7, 64])
 @pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "float"])
 def test_function_equals_sdpa_values_and_gradients(block: int, mask_kind: str) -> None:
@@ -61,12 +73,7 @@ def test_function_equals_sdpa_values_and_gradients(block: int, mask_kind: str) -
         full_mask = bias.masked_fill(~keep, float("-inf"))
     elif mask_kind == "float":
         full_mask = bias + mask
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full_mask, scale=0.125).transpose(1, 2)
-    torch.testing.assert_close(out, ref)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, bias))
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    _assert_matches_sdpa(out, (q, k, v, bias), full_mask)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -80,12 +87,7 @@ def test_bias_by_offset_equals_the_expanded_bias(causal: bool) -> None:
     mask = by_offset[..., offsets]
     if causal:
         mask = mask.masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1), float("-inf"))
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125).transpose(1, 2)
-    torch.testing.assert_close(out, ref)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v, by_offset))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, by_offset))
-    for got, want in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    _assert_matches_sdpa(out, (q, k, v, by_offset), mask)
 
 
 def test_causal_needs_square_scores() -> None:
