@@ -166,7 +166,6 @@ def build_index(
 
     index = AudioIndex(root=str(root), rejected=dict(broken))
     unhashed = []  # reused entries whose size a new file now shares
-    realiased = False
     for rel in sorted(results):
         result = results[rel]
         if isinstance(result, Rejection):
@@ -174,7 +173,6 @@ def build_index(
             continue
         if result.aliases != aliases.get(rel, []):  # a copy: `previous` stays as loaded
             result = replace(result, aliases=aliases.get(rel, []))
-            realiased = True
         index.files[rel] = result
         if result.sha256 is None and result.bytes in shared_size:
             unhashed.append((rel, os.path.join(root, rel)))
@@ -182,16 +180,7 @@ def build_index(
         _hash_batch, unhashed, jobs, "sha256", progress, batch=4, threads=True
     ):
         index.files[rel] = replace(index.files[rel], sha256=digest)
-    # Nothing opened, re-aliased or hashed, and the same paths: every entry is the loaded one.
-    unchanged = (
-        previous is not None
-        and not todo
-        and not realiased
-        and not unhashed
-        and index.files.keys() == previous.files.keys()
-        and index.rejected == previous.rejected
-    )
-    if not unchanged and index != previous:
+    if index != previous:
         index.save(out)
     if lengths_json is not None:
         atomic_write_text(Path(lengths_json), dumps(index.lengths()))

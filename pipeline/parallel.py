@@ -67,17 +67,6 @@ def parallel_map(
         bar.close()
 
 
-class _NoBar:
-    def update(self, n: float = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-_NO_BAR = _NoBar()
-
-
 def map_batches(
     fn: Callable[[list[T]], list[R]],
     items: Sequence[T],
@@ -95,8 +84,8 @@ def map_batches(
     one waits long for the last batch of another. Worker processes start only once the batches
     done so far predict more than POOL_AFTER_S seconds of work left, so a small run never pays
     for starting processes. `threads=True` makes the workers threads, which start at once: for
-    an fn that spends its time in C calls that release the GIL (libsndfile through cffi,
-    hashlib, file reads).
+    an fn that spends its time in C calls that release the GIL (hashlib, file reads; not
+    libsndfile, whose `sf_open` soundfile serialises).
     """
     lo, hi = 0, len(items)  # items[lo:hi] are not taken yet
     smallest = max(1, batch // 8)
@@ -104,11 +93,7 @@ def map_batches(
     def size() -> int:
         return max(smallest, min(batch, (hi - lo) // (2 * jobs)))
 
-    bar = (
-        tqdm(total=len(items), unit="file", desc=desc)
-        if progress and len(items)
-        else _NO_BAR  # a disabled tqdm still starts tqdm's monitor thread: ms on a busy machine
-    )
+    bar = tqdm(total=len(items), unit="file", desc=desc, disable=not progress or not items)
     pool: Executor | None = None
     running: dict[Future[list[R]], Sequence[T]] = {}
     start = time.perf_counter()
