@@ -306,8 +306,11 @@ class LogisticHead(nn.Module):
             if t % self.block == 0:
                 if t:  # add the block just finished, as coefficients() does
                     lo = t - self.block
-                    phi = self.regressors(x[:, : t + self.taps], u[:, : t + self.taps])
-                    cov, cross = self.block_stats(phi[:, lo:t], x[:, lo:t], known[:, lo:t])
+                    # the regressors of lo..t-1 reach back order (x) and taps (u) samples only
+                    first = max(0, lo - max(self.order, self.taps))
+                    span = slice(first, t + self.taps)
+                    phi = self.regressors(x[:, span], u[:, span])[:, lo - first : t - first]
+                    cov, cross = self.block_stats(phi, x[:, lo:t], known[:, lo:t])
                     state["cov"] = self.forget * state["cov"] + cov[:, 0]
                     state["cross"] = self.forget * state["cross"] + cross[:, 0]
                 state["coef"] = self.solve(state["cov"], state["cross"])
