@@ -321,7 +321,8 @@ class StereoT5(pl.LightningModule):
         attn_block: 0: the body's attention is torch's sdpa, which with T5's learned position
             bias keeps [B, H, L, L] scores per layer. N > 0: block-wise attention
             (``trainer.attention``) over N query rows at a time, recomputed in backward: one
-            block's scores at a time, for one more pass of the score products.
+            block's scores at a time, for one more pass of the score products; T5's position
+            bias is then built by offset, not as an L x L tensor.
         lr, weight_decay, warmup_steps: AdamW with linear warmup, then cosine decay to 10 % of
             lr at ``max_steps`` (None: the Trainer's max_steps or estimated stepping batches).
         compile: ``torch.compile`` the body's training forward (in ``configure_model``).
