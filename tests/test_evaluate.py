@@ -43,7 +43,7 @@ REPORT_KEYS = {
     *("format", "ckpt", "ckpt_kind", "shards", "split", "direction", "sample_rate", "files"),
     *("codec", "codec_exact", "bits_comparable_to_flac", "model", "config", "counts"),
     *("bits_per_sample", "teacher_forced", "flac", "snr_db", "snr_db_per_window", "best_gains"),
-    *("generated_windows", "training_curve", "timing", "warnings"),
+    *("generated_windows", "training_curve", "timing", "warnings", "checks"),
 }
 
 
@@ -184,13 +184,14 @@ def test_evaluate_writes_json_markdown_and_png_with_every_field(ckpt, shard_dir,
     assert set(data) >= REPORT_KEYS, REPORT_KEYS - set(data)
     assert data["ckpt_kind"] == "lightning" and data["codec"] == "pcm16"
     assert data["model"]["train_sample_rate"] == RATE  # found through the datamodule's manifest
-    assert set(data["bits_per_sample"]) == {
-        "model",
-        "flac_given_input",
-        "flac_target_alone",
-        "level_entropy",
-    }
-    assert all(math.isfinite(v) for v in data["bits_per_sample"].values())
+    bits = data["bits_per_sample"]
+    assert bits.pop("model_untrained") is None  # only the logistic head has one
+    assert set(bits) == {"model", "flac_given_input", "flac_target_alone", "level_entropy"}
+    assert all(math.isfinite(v) for v in bits.values())
+    flac_margin = bits["flac_target_alone"] - bits["model"]
+    assert data["checks"] == [
+        {"check": "below FLAC of target alone", "by": flac_margin, "passed": flac_margin > 0}
+    ]
     assert set(data["snr_db"]) >= {"model_greedy", "model_sampled", "copy", "best_gain", "ls_fir"}
     assert all(isinstance(v, float) for v in data["snr_db"].values())
     counts = data["counts"]
@@ -281,6 +282,44 @@ def test_a_codec_or_window_the_checkpoint_was_not_built_for_is_a_clear_error(
     assert evaluate_module.main(missing) == 2
     assert "no checkpoint here" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_learning_checks_compare_with_flac_and_with_the_untrained_head():
+    bits = dict(model=5.0, model_untrained=5.5, flac_target_alone=6.25)
+    checks = evaluate_module.learning_checks(bits, comparable_to_flac=True)
+    assert [(c["check"], c["by"], c["passed"]) for c in checks] == [
+        ("below FLAC of target alone", 1.25, True),
+        ("below the same head untrained", 0.5, True),
+    ]
+    bits = dict(bits, model=5.5)  # no better than before training: fails, even below FLAC
+    checks = evaluate_module.learning_checks(bits, comparable_to_flac=False)
+    assert [(c["check"], c["by"], c["passed"]) for c in checks] == [
+        ("below the same head untrained", 0.0, False)
+    ]
+
+
+def test_the_gate_fails_an_untrained_logistic_model_and_refuses_a_lossy_codec(
+    shard_dir, tmp_path, capsys
+):
+    model = StereoT5(codec="pcm16", head="logistic", lpc_order=4, lpc_taps=2, **TINY)
+    folder = model.save_pretrained(tmp_path / "export")
+    args = ["--shards", str(shard_dir), "--seq-len", str(SEQ), "--max-chunks", "1"]
+    args += ["--generate", "0", "--no-progress", "--gate", "--out", str(tmp_path / "eval")]
+    assert evaluate_module.main(["--ckpt", str(folder), *args]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("gate: failed: ") and err.count("\n") == 1
+    assert err.endswith("not below the same head untrained\n")
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["bits_per_sample"]["model_untrained"] == report["bits_per_sample"]["model"]
+    assert "| same head untrained (its predictor alone) |" in out
+    assert "- model below the same head untrained: NO, by 0.000 bits/sample" in out
+
+    lossy = StereoT5(codec="mulaw8", head="full", **TINY).save_pretrained(tmp_path / "lossy")
+    never = ["--out", str(tmp_path / "never")]
+    assert evaluate_module.main(["--ckpt", str(lossy), *args, *never]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "drop --gate" in err
+    assert not (tmp_path / "never").exists()
 
 
 # ------------------------------------------------------------------------------ predict

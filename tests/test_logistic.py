@@ -100,6 +100,19 @@ def test_logistic_head_starts_as_the_fixed_predictor_and_overfits_one_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_untrained_bits_are_the_head_at_step_0_and_do_not_move_with_training():
+    model = tiny(**LOGISTIC, lr=3e-3)
+    batch = smooth_batch(length=32)
+    with torch.no_grad():
+        before = teacher_forced(model.eval(), batch)
+    assert torch.equal(before["untrained_nll_sum"], before["nll_sum"])  # one thing at step 0
+    fit_one_batch(model.train(), batch, 20)
+    with torch.no_grad():
+        after = teacher_forced(model.eval(), batch)
+    assert torch.equal(after["untrained_nll_sum"], before["untrained_nll_sum"])
+    assert after["nll_sum"] < 0.9 * before["nll_sum"]
+
+
 def test_logistic_head_save_load_and_bad_combinations(tmp_path):
     model = tiny(**LOGISTIC).eval()
     folder = model.save_pretrained(tmp_path / "export")

@@ -255,6 +255,7 @@ def resolve_seq_len(
 @dataclass
 class _Scored:
     nll: float
+    untrained_nll: float | None  # the logistic head at step 0 (its predictor alone); else None
     count: int
     correct: int
     tf_signal: float
@@ -297,6 +298,7 @@ def _score(
     picks = min(generate, total_windows)
     pick = set(np.linspace(0, total_windows - 1, picks).round().astype(int).tolist())
     nll = tf_signal = tf_error = 0.0
+    untrained_nll = 0.0 if model.head_kind == "logistic" else None
     count = correct = window = chunks = 0
     hist = torch.zeros(codec.levels, dtype=torch.int64)
     flac = FlacCost(0, 0, 0, 0)
@@ -316,6 +318,8 @@ def _score(
             labels = batch["labels"]
             scored = model.score(batch["input_ids"].to(device), labels.to(device))
             nll += float(scored["nll_sum"])
+            if untrained_nll is not None:
+                untrained_nll += float(scored["untrained_nll_sum"])
             count += int(scored["count"])
             keep = labels != IGNORE
             correct += int(scored["correct"])
@@ -344,6 +348,7 @@ def _score(
     assert count == chunks * stream.split.chunk_frames, "every frame of every chunk is scored once"
     return _Scored(
         nll,
+        untrained_nll,
         count,
         correct,
         tf_signal,
@@ -514,6 +519,23 @@ def _model_kind(model: dict) -> str:
     return f"{kind}, {model['head']} head, {model['parameters'] / 1e6:.2f} M parameters"
 
 
+def learning_checks(bits: dict, comparable_to_flac: bool) -> list[dict]:
+    """The demo's gate (design §10), as checks on the teacher-forced bits/sample: below FLAC of
+    the target alone (pcm16 only: other codecs' bits are of a lossy signal), and, with the
+    logistic head, below the same head at step 0. That head's adaptive predictor alone already
+    beats FLAC, so for it only the second check fails a model that learned nothing."""
+    model, checks = bits["model"], []
+    if comparable_to_flac:
+        margin = bits["flac_target_alone"] - model
+        checks.append({"check": "below FLAC of target alone", "by": margin, "passed": margin > 0})
+    if bits["model_untrained"] is not None:
+        margin = bits["model_untrained"] - model
+        checks.append(
+            {"check": "below the same head untrained", "by": margin, "passed": margin > 0}
+        )
+    return checks
+
+
 def render_markdown(report: dict) -> str:
     """The two tables of report.md, readable in ten seconds."""
     bits, snr, counts = report["bits_per_sample"], report["snr_db"], report["counts"]
@@ -525,6 +547,11 @@ def render_markdown(report: dict) -> str:
             f"model (teacher-forced; bits of the lossy {codec} signal, not comparable to FLAC)"
         )
     side = "two-sided" if not cfg["fir_causal"] else "causal"
+    untrained_row = (
+        []
+        if bits["model_untrained"] is None
+        else [f"| same head untrained (its predictor alone) | {bits['model_untrained']:.3f} |"]
+    )
     temperature, level = cfg["temperature"], cfg["flac_compression_level"]
     lines = [
         f"# Evaluation: {report['split']} split",
@@ -538,10 +565,16 @@ def render_markdown(report: dict) -> str:
         "| target channel | bits / sample |",
         "|---|---:|",
         f"| {model_row} | {_fmt(bits['model'], 3)} |",
+        *untrained_row,
         f"| FLAC of target given input | {_fmt(bits['flac_given_input'], 3)} |",
         f"| FLAC of target alone | {_fmt(bits['flac_target_alone'], 3)} |",
         f"| level entropy of target ({codec}) | {_fmt(bits['level_entropy'], 3)} |",
         "",
+        *(
+            f"- model {c['check']}: {'yes' if c['passed'] else 'NO'}, by {c['by']:.3f} bits/sample"
+            for c in report["checks"]
+        ),
+        *([""] if report["checks"] else []),
         f"| generated target, {counts['generated_windows']} windows x {cfg['seq_len']} | SNR dB |",
         "|---|---:|",
         f"| model greedy | {_fmt(snr['model_greedy'], 2)} |",
@@ -585,14 +618,15 @@ def _plot(report: dict, example: dict | None, curve: dict, path: Path) -> None:
     grid = fig.add_gridspec(3, 2)
     bits = report["bits_per_sample"]
     ax = fig.add_subplot(grid[0, 0])
-    names = ["model", "FLAC | input", "FLAC alone", "level entropy"]
-    values = [
-        bits["model"],
-        bits["flac_given_input"],
-        bits["flac_target_alone"],
-        bits["level_entropy"],
+    rows = [
+        ("model", bits["model"], "tab:blue"),
+        ("untrained", bits["model_untrained"], "tab:cyan"),
+        ("FLAC | input", bits["flac_given_input"], "tab:orange"),
+        ("FLAC alone", bits["flac_target_alone"], "tab:red"),
+        ("level entropy", bits["level_entropy"], "tab:gray"),
     ]
-    bars = ax.bar(names, values, color=["tab:blue", "tab:orange", "tab:red", "tab:gray"])
+    names, values, colors = zip(*[row for row in rows if row[1] is not None], strict=True)
+    bars = ax.bar(names, values, color=colors)
     ax.bar_label(bars, fmt="%.2f")
     ax.set_ylim(0, 1.15 * max(values))
     lossy = "" if report["bits_comparable_to_flac"] else f" (model: lossy {report['codec']})"
@@ -677,6 +711,7 @@ def evaluate(
     codec: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    gate: bool = False,
 ) -> dict:
     """Evaluate a checkpoint on a split of a shard set and write report.{json,md,png}.
 
@@ -694,6 +729,8 @@ def evaluate(
         direction: ``l2r`` (target = right) or ``r2l``.
         codec: only checked: it must be the checkpoint's codec.
         device: torch device (default: cuda if available, else cpu).
+        gate: only checked: the caller gates on the report's checks, which need a pcm16
+            checkpoint (refused before any scoring otherwise).
 
     Returns:
         The report (what report.json holds).
@@ -714,6 +751,11 @@ def evaluate(
     loaded = load_model(ckpt, device)
     model, model_codec = loaded.model, loaded.codec
     length = resolve_seq_len(loaded, seq_len, codec, manifest.config.chunk_frames)
+    if gate and not model_codec.exact:
+        raise PipelineError(
+            f"{ckpt}: the gate compares bits with FLAC, which needs a pcm16 checkpoint, not "
+            f"{model_codec.name}: drop --gate"
+        )
     warnings = []
     rate = int(manifest.config.sample_rate)
     if loaded.sample_rate is not None and loaded.sample_rate != rate:
@@ -746,6 +788,17 @@ def evaluate(
     curve = read_curve(metrics_csv) if metrics_csv else {}
 
     exact = model_codec.exact
+    bits = {
+        "model": scored.nll / max(scored.count, 1) / LN2,
+        "model_untrained": (
+            None
+            if scored.untrained_nll is None
+            else scored.untrained_nll / max(scored.count, 1) / LN2
+        ),
+        "flac_given_input": scored.flac.given_input,
+        "flac_target_alone": scored.flac.alone,
+        "level_entropy": level_entropy(scored.levels),
+    }
     files = {name: str(out_dir / f"report.{name}") for name in ("json", "md", "png")}
     report = {
         "format": REPORT_FORMAT,
@@ -790,12 +843,8 @@ def evaluate(
             "generated_windows": len(scored.picked),
             "generated_samples": len(scored.picked) * length,
         },
-        "bits_per_sample": {
-            "model": scored.nll / max(scored.count, 1) / LN2,
-            "flac_given_input": scored.flac.given_input,
-            "flac_target_alone": scored.flac.alone,
-            "level_entropy": level_entropy(scored.levels),
-        },
+        "bits_per_sample": bits,
+        "checks": learning_checks(bits, exact),
         "teacher_forced": {
             "nll_nats": scored.nll,
             "count": scored.count,
@@ -870,6 +919,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="default: the training window")
     parser.add_argument("--direction", default="l2r", choices=("l2r", "r2l"))
     parser.add_argument("--codec", default=None, help="must match the checkpoint's codec")
+    parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="exit 1 unless the model passes every check (the demo's gate; pcm16 only)",
+    )
     add_runtime_options(parser)
     args = parser.parse_args(argv)
     apply_runtime_options(args)
@@ -889,10 +943,18 @@ def main(argv: list[str] | None = None) -> int:
             codec=args.codec,
             device=args.device,
             progress=not args.no_progress,
+            gate=args.gate,
         )
     except PipelineError as exc:  # ModelError and CodecError are PipelineErrors too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(render_markdown(report))
     print(f"report: {report['files']['md']} (+ report.json, report.png)")
+    if not args.gate:
+        return 0
+    failed = [c["check"] for c in report["checks"] if not c["passed"]]
+    if failed:
+        print(f"gate: failed: the model is not {' and not '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"gate: passed ({len(report['checks'])} checks)")
     return 0

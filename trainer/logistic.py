@@ -49,6 +49,16 @@ RIDGE = 1e-9  # relative to the mean diagonal (demo test split: 1e-7 6.34, 1e-8 
 RIDGE_FLOOR = 1.0  # absolute, in squared levels: no history gives the fixed predictor
 
 
+def initial_output(mixtures: int) -> torch.Tensor:
+    """The network's output at step 0 [3, K] (logits, log-scales, offsets): equal weights, no
+    offset, logistic scales 0.72 x the recent mean |error| (the Laplace-like fit), spread to
+    break the components' symmetry."""
+    out = torch.zeros(3, mixtures)
+    spread = torch.linspace(-0.3, 0.3, mixtures) if mixtures > 1 else torch.zeros(1)
+    out[1] = math.log(0.72) + spread
+    return out
+
+
 def _shift(x: torch.Tensor, j: int) -> torch.Tensor:
     """y[..., t] = x[..., t - j] (zero where out of range); j < 0 looks ahead."""
     if j == 0:
@@ -105,13 +115,9 @@ class LogisticHead(nn.Module):
         )
         nn.init.normal_(self.net[0].weight, std=(d_model + n_feats) ** -0.5)
         nn.init.zeros_(self.net[0].bias)
-        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].weight)  # at step 0 the output is the bias, whatever the input
         with torch.no_grad():
-            bias = self.net[2].bias.view(3, mixtures)
-            bias.zero_()
-            # logistic scale = 0.72 x mean |error| (the Laplace-like fit), spread to break symmetry
-            spread = torch.linspace(-0.3, 0.3, mixtures) if mixtures > 1 else torch.zeros(1)
-            bias[1] = math.log(0.72) + spread
+            self.net[2].bias.copy_(initial_output(mixtures).flatten())
 
     # ------------------------------------------------------------------ signal features
 
@@ -226,9 +232,13 @@ class LogisticHead(nn.Module):
     def mixture(self, hidden: torch.Tensor, lpc: torch.Tensor, feats: torch.Tensor):
         """(logits, means, scales) [..., K] float64 from states [..., d], predictions [...] and
         features [..., F] (the last error column is the base level)."""
-        base = feats[..., -1] + 0.5  # >= 0.5 level
         net_in = torch.cat([hidden, feats[..., :-1].to(hidden.dtype)], -1)
         out = self.net(net_in).double().unflatten(-1, (3, self.mixtures))
+        return self._mixture(out, lpc, feats)
+
+    def _mixture(self, out: torch.Tensor, lpc: torch.Tensor, feats: torch.Tensor):
+        """mixture() from the network's output [..., 3, K]."""
+        base = feats[..., -1] + 0.5  # >= 0.5 level
         logits, log_scale, offset = out.unbind(-2)
         log_scale = (log_scale + base.log()[..., None]).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
         means = lpc[..., None] + offset * base[..., None]
@@ -271,15 +281,19 @@ class LogisticHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor):
         """hidden [B, L, d], targets [B, L] (-100 ignored), inputs [B, L] (V = pad) ->
-        (nll [B, L] nats, 0 where ignored; mode [B, L])."""
-        with torch.no_grad():
-            lpc, feats = self.predictor(targets, inputs)
-        logits, means, scales = self.mixture(hidden, lpc, feats)
+        (nll [B, L] nats, 0 where ignored; mode [B, L]; untrained [B, L]: the NLL this head
+        gives at step 0, whatever its weights: the adaptive predictor alone, no gradient)."""
         keep = targets != IGNORE
         y, _ = self.values(targets)
+        with torch.no_grad():
+            lpc, feats = self.predictor(targets, inputs)
+            start = initial_output(self.mixtures).to(lpc).expand(*lpc.shape, 3, self.mixtures)
+            untrained = -self.log_prob(*self._mixture(start, lpc, feats), y)
+        logits, means, scales = self.mixture(hidden, lpc, feats)
         nll = -self.log_prob(logits, means, scales, y)
         nll = torch.where(keep, nll, 0.0).float()
-        return nll, self.mode(logits.detach(), means.detach())
+        untrained = torch.where(keep, untrained, 0.0).float()
+        return nll, self.mode(logits.detach(), means.detach()), untrained
 
     # ------------------------------------------------------------------ generation
 

@@ -530,14 +530,18 @@ class StereoT5(pl.LightningModule):
         Returns:
             ``nll_sum`` (nats, summed over target positions), ``count`` (labels != -100),
             ``correct`` (argmax == label), ``pred`` [B, L] argmax tokens (0..V-1 everywhere,
-            meaningful where labels != -100), ``nll`` [B, L] per-position nats (0 if ignored).
+            meaningful where labels != -100), ``nll`` [B, L] per-position nats (0 if ignored);
+            with the logistic head also ``untrained_nll_sum``: what the same head scores at
+            step 0 (its adaptive predictor alone), the bar that shows what the network learned.
         """
+        extra = {}
         if self.residual:
             inputs, targets = to_residual(input_ids, self.levels), to_residual(labels, self.levels)
             nll, pred = self.head(self(inputs, targets), targets)
             pred = from_residual(pred, _shift_right(labels, IGNORE), self.levels)
         elif self.head_kind == "logistic":
-            nll, pred = self.head(self(input_ids, labels), labels, input_ids)
+            nll, pred, untrained = self.head(self(input_ids, labels), labels, input_ids)
+            extra["untrained_nll_sum"] = untrained.sum()
         else:
             nll, pred = self.head(self(input_ids, labels), labels)
         keep = labels != IGNORE
@@ -547,6 +551,7 @@ class StereoT5(pl.LightningModule):
             "correct": (keep & (pred == labels)).sum(),
             "pred": pred,
             "nll": nll,
+            **extra,
         }
 
     def _sums(self, labels: torch.Tensor, scored: dict[str, torch.Tensor]) -> dict:
