@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_model import fit_one_batch, make_batch, teacher_forced, tiny
+from test_model import fit_one_batch, loader, make_batch, teacher_forced, tiny
 
 from trainer.logistic import LogisticHead
 from trainer.model import ModelError, StereoT5
@@ -111,6 +111,32 @@ def test_untrained_bits_are_the_head_at_step_0_and_do_not_move_with_training():
         after = teacher_forced(model.eval(), batch)
     assert torch.equal(after["untrained_nll_sum"], before["untrained_nll_sum"])
     assert after["nll_sum"] < 0.9 * before["nll_sum"]
+
+
+def test_validation_logs_the_untrained_head_beside_the_model(tmp_path):
+    import pytorch_lightning as pl
+
+    model = tiny(**LOGISTIC, lr=3e-3)
+    batches = [smooth_batch(seed=s) for s in range(2)]
+    with torch.no_grad():
+        model.head.net[2].weight.normal_(std=0.1)  # as if trained: the two now differ
+        scored = [teacher_forced(model.eval(), b) for b in batches]
+    count = sum(s["count"] for s in scored)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    metrics = trainer.validate(model, dataloaders=loader(batches), verbose=False)[0]
+    for name, key in (
+        ("val/bits_per_sample", "nll_sum"),
+        ("val/bits_per_sample_untrained", "untrained_nll_sum"),
+    ):
+        expected = sum(s[key].double() for s in scored) / count / math.log(2)
+        assert metrics[name] == pytest.approx(expected.item(), rel=1e-5), name
+    assert metrics["val/bits_per_sample"] != pytest.approx(metrics["val/bits_per_sample_untrained"])
 
 
 def test_logistic_head_save_load_and_bad_combinations(tmp_path):

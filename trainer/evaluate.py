@@ -66,7 +66,7 @@ REPORT_FORMAT = "stereo-eval/1"
 FIR_TAPS = 32
 FIR_CAUSAL = False  # two-sided: the model's encoder sees the whole input window too
 LN2 = math.log(2.0)
-METRIC_NAMES = ("train/bits_per_sample", "val/bits_per_sample")
+METRIC_NAMES = ("train/bits_per_sample", "val/bits_per_sample", "val/bits_per_sample_untrained")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +490,8 @@ def find_metrics_csv(ckpt: str | Path, levels_up: int = 1) -> Path | None:
 
 
 def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{metric: (steps, values)} for train/val bits per sample in a CSVLogger metrics.csv."""
+    """{metric: (steps, values)} for train/val bits per sample (and the val bits of the logistic
+    head untrained) in a CSVLogger metrics.csv."""
     curve: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in METRIC_NAMES}
     try:
         with open(path, newline="", encoding="utf-8") as f:
@@ -621,9 +622,9 @@ def _plot(report: dict, example: dict | None, curve: dict, path: Path) -> None:
     rows = [
         ("model", bits["model"], "tab:blue"),
         ("untrained", bits["model_untrained"], "tab:cyan"),
-        ("FLAC | input", bits["flac_given_input"], "tab:orange"),
-        ("FLAC alone", bits["flac_target_alone"], "tab:red"),
-        ("level entropy", bits["level_entropy"], "tab:gray"),
+        ("FLAC |\ninput", bits["flac_given_input"], "tab:orange"),
+        ("FLAC\nalone", bits["flac_target_alone"], "tab:red"),
+        ("level\nentropy", bits["level_entropy"], "tab:gray"),
     ]
     names, values, colors = zip(*[row for row in rows if row[1] is not None], strict=True)
     bars = ax.bar(names, values, color=colors)

@@ -205,21 +205,23 @@ SUM_FIELDS = ("nll", "count", "correct", "signal", "error")
 
 class SumMetrics(Metric):
     """float64 sums of NLL (nats), target count, correct argmaxes, target energy and error energy
-    (int16 units squared), reduced by summing across processes."""
+    (int16 units squared) and, with ``untrained``, the NLL of the logistic head at step 0;
+    reduced by summing across processes."""
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, untrained: bool = False) -> None:
         super().__init__()
-        for name in SUM_FIELDS:
+        self.fields = (*SUM_FIELDS, "untrained") if untrained else SUM_FIELDS
+        for name in self.fields:
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, sums: dict[str, torch.Tensor]) -> None:
-        for name in SUM_FIELDS:
+        for name in self.fields:
             setattr(self, name, getattr(self, name) + sums[name].detach().to(torch.float64))
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return summarize({name: getattr(self, name) for name in SUM_FIELDS})
+        return summarize({name: getattr(self, name) for name in self.fields})
 
 
 def summarize(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -232,6 +234,8 @@ def summarize(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     count = sums["count"].clamp(min=1)
     loss = sums["nll"] / count
     out = {"loss": loss, "bits_per_sample": loss / LN2, "accuracy": sums["correct"] / count}
+    if "untrained" in sums:
+        out["bits_per_sample_untrained"] = sums["untrained"] / count / LN2
     if "signal" in sums:
         ratio = sums["signal"].clamp(min=1) / sums["error"].clamp(min=1)
         out["snr_db"] = 10 * torch.log10(ratio)
@@ -477,8 +481,8 @@ class StereoT5(pl.LightningModule):
         table = torch.as_tensor(self.codec.decode_table().astype("int64")) - 32768
         self.register_buffer("int16_of_token", table, persistent=False)
 
-        self.val_sums = SumMetrics()
-        self.test_sums = SumMetrics()
+        self.val_sums = SumMetrics(untrained=head == "logistic")
+        self.test_sums = SumMetrics(untrained=head == "logistic")
         self._hidden_fn: Callable[..., torch.Tensor] = self.hidden
         self._checked = False
         self._audio: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
@@ -558,13 +562,16 @@ class StereoT5(pl.LightningModule):
         keep = labels != IGNORE
         target = self.int16_of_token[labels.clamp(min=0)].double()
         pred = self.int16_of_token[scored["pred"]].double()
-        return {
+        sums = {
             "nll": scored["nll_sum"],
             "count": scored["count"],
             "correct": scored["correct"],
             "signal": torch.where(keep, target.square(), 0.0).sum(),
             "error": torch.where(keep, (target - pred).square(), 0.0).sum(),
         }
+        if "untrained_nll_sum" in scored:
+            sums["untrained"] = scored["untrained_nll_sum"]
+        return sums
 
     @torch.no_grad()
     def generate(
