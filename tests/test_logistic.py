@@ -33,7 +33,7 @@ def test_probabilities_over_all_levels_sum_to_one_and_bits_are_their_log(levels)
     head = LogisticHead(16, levels, mixtures=3, order=4, taps=1)
     with torch.no_grad():
         head.net[2].weight.normal_(std=0.5)  # a trained-looking, uneven mixture
-    states, n_feats = 4, head.net[0].in_features - 16
+    states, n_feats = 4, head.net[0].in_features
     hidden = torch.randn(states, 16)
     lpc = (torch.rand(states, dtype=torch.float64) - 0.5) * levels  # edges included
     feats = torch.cat(

@@ -14,10 +14,11 @@ This head says it by construction, the way lossless audio coders do:
   also what it is with no history (the window's first block).
 - **Loudness**: causal averages of the predictor's past absolute errors at a few time constants
   (unknown past errors count as ``V / 64``), and two-sided loudness of the input channel.
-- **Mixture**: from the decoder state at t and those features an MLP gives, per component k,
-  a mixture logit, a log-scale relative to the recent error level and a mean offset in units of
-  it: ``mean_k = lpc_t + c_k * base_t``, ``scale_k = base_t * exp(d_k)``. At step 0 it is
-  the classical coder: the adaptive predictor with a scale that follows the recent errors.
+- **Mixture**: an MLP on those features plus a linear map of the decoder state at t give, per
+  component k, a mixture logit, a log-scale relative to the recent error level and a mean
+  offset in units of it: ``mean_k = lpc_t + c_k * base_t``, ``scale_k = base_t * exp(d_k)``.
+  At step 0 it is the classical coder: the adaptive predictor with a scale that follows the
+  recent errors.
 
 Likelihood: exact per level. With ``a = (y - 1/2 - mean) / s`` and ``b = (y + 1/2 - mean) / s``
 (y = level - V/2), ``P(y) = sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - exp(a - b))``,
@@ -111,11 +112,18 @@ class LogisticHead(nn.Module):
         self.register_buffer("kernels", kernels, persistent=False)  # [n, EMA_LEN], lag 1 first
         n_feats = 2 * len(EMA_DECAYS) + len(INPUT_SPANS)
         self.net = nn.Sequential(
-            nn.Linear(d_model + n_feats, d_model), nn.GELU(), nn.Linear(d_model, 3 * mixtures)
+            nn.Linear(n_feats, d_model), nn.GELU(), nn.Linear(d_model, 3 * mixtures)
         )
-        nn.init.normal_(self.net[0].weight, std=(d_model + n_feats) ** -0.5)
+        nn.init.normal_(self.net[0].weight, std=n_feats**-0.5)
         nn.init.zeros_(self.net[0].bias)
-        nn.init.zeros_(self.net[2].weight)  # at step 0 the output is the bias, whatever the input
+        # The decoder state enters through its own linear map, not the MLP: an untrained body's
+        # state is noise that moves as the body learns, and as MLP input it slowed what the MLP
+        # learns from the signal features (the head alone with random states, 200 steps on real
+        # music: 0.050 bits/sample gained that way, 0.071 this way). Both last layers start at
+        # zero, so at step 0 the output is the bias, whatever the input.
+        self.from_state = nn.Linear(d_model, 3 * mixtures, bias=False)
+        nn.init.zeros_(self.from_state.weight)
+        nn.init.zeros_(self.net[2].weight)
         with torch.no_grad():
             self.net[2].bias.copy_(initial_output(mixtures).flatten())
 
@@ -232,9 +240,8 @@ class LogisticHead(nn.Module):
     def mixture(self, hidden: torch.Tensor, lpc: torch.Tensor, feats: torch.Tensor):
         """(logits, means, scales) [..., K] float64 from states [..., d], predictions [...] and
         features [..., F] (the last error column is the base level)."""
-        net_in = torch.cat([hidden, feats[..., :-1].to(hidden.dtype)], -1)
-        out = self.net(net_in).double().unflatten(-1, (3, self.mixtures))
-        return self._mixture(out, lpc, feats)
+        out = self.net(feats[..., :-1].to(hidden.dtype)) + self.from_state(hidden)
+        return self._mixture(out.double().unflatten(-1, (3, self.mixtures)), lpc, feats)
 
     def _mixture(self, out: torch.Tensor, lpc: torch.Tensor, feats: torch.Tensor):
         """mixture() from the network's output [..., 3, K]."""
