@@ -31,10 +31,12 @@ from trainer.baselines import (
     ls_fir,
     snr_db,
 )
+from trainer.checkpoint import load_model
 from trainer.data import ShardDataModule
-from trainer.evaluate import evaluate, load_model
+from trainer.evaluate import evaluate
 from trainer.model import ModelError, StereoT5
 from trainer.predict import predict
+from trainer.report import learning_checks
 
 TINY = dict(**TINY_MODEL, max_len=256, warmup_steps=1)
 SEQ = 64  # evaluation/prediction window: generation costs one decoder step per sample
@@ -286,13 +288,13 @@ def test_a_codec_or_window_the_checkpoint_was_not_built_for_is_a_clear_error(
 
 def test_learning_checks_compare_with_flac_and_with_the_untrained_head():
     bits = dict(model=5.0, model_untrained=5.5, flac_target_alone=6.25)
-    checks = evaluate_module.learning_checks(bits, comparable_to_flac=True)
+    checks = learning_checks(bits, comparable_to_flac=True)
     assert [(c["check"], c["by"], c["passed"]) for c in checks] == [
         ("below FLAC of target alone", 1.25, True),
         ("below the same head untrained", 0.5, True),
     ]
     bits = dict(bits, model=5.5)  # no better than before training: fails, even below FLAC
-    checks = evaluate_module.learning_checks(bits, comparable_to_flac=False)
+    checks = learning_checks(bits, comparable_to_flac=False)
     assert [(c["check"], c["by"], c["passed"]) for c in checks] == [
         ("below the same head untrained", 0.0, False)
     ]

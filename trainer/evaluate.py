@@ -12,30 +12,27 @@ baseline achieves on the same audio:
   sampled), against the original int16 target; beside it copy-input, best-gain and a 32-tap
   least-squares FIR fitted on each window itself (an oracle bound, not a deployable predictor).
 
-Writes `report.json` (every figure), `report.md` (two small tables) and `report.png`.
+Writes `report.json` (every figure), `report.md` (two small tables) and `report.png`
+(`trainer.report`).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import inspect
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
-from pipeline.codec import Codec, get_codec, pcm16_to_int16
+from pipeline.codec import Codec, pcm16_to_int16
 from pipeline.errors import PipelineError
-from pipeline.fsutil import atomic_path, atomic_write_text
+from pipeline.fsutil import atomic_write_text
 from pipeline.records import SPLITS, Manifest
 from trainer.baselines import (
     FLAC_COMPRESSION_LEVEL,
@@ -48,204 +45,28 @@ from trainer.baselines import (
     snr_from_energies,
     to_int16,
 )
+from trainer.checkpoint import (
+    add_runtime_options,
+    apply_runtime_options,
+    load_model,
+    resolve_seq_len,
+)
 from trainer.data import DIRECTIONS, IGNORE, EvalStream, ShardDataModule, ShardSplit, tokenize
-from trainer.model import META_NAME, ModelError, StereoT5
+from trainer.model import StereoT5
+from trainer.report import (
+    find_metrics_csv,
+    learning_checks,
+    plot_report,
+    read_curve,
+    render_markdown,
+)
 
-__all__ = [
-    "LoadedModel",
-    "evaluate",
-    "find_metrics_csv",
-    "generate_windows",
-    "load_model",
-    "main",
-    "render_markdown",
-    "resolve_seq_len",
-]
+__all__ = ["evaluate", "generate_windows", "main"]
 
 REPORT_FORMAT = "stereo-eval/1"
 FIR_TAPS = 32
 FIR_CAUSAL = False  # two-sided: the model's encoder sees the whole input window too
 LN2 = math.log(2.0)
-METRIC_NAMES = ("train/bits_per_sample", "val/bits_per_sample", "val/bits_per_sample_untrained")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a checkpoint
-
-
-@dataclass
-class LoadedModel:
-    """A StereoT5 in eval mode and what its checkpoint says about how it was trained.
-
-    Attributes:
-        kind: ``lightning`` (a ``.ckpt``) or ``export`` (a ``save_pretrained`` folder).
-        sample_rate: the training shards' rate when the checkpoint leads to it, else None.
-        sample_rate_source: where ``sample_rate`` came from, or why it is unknown.
-        train_seq_len: the training window when the checkpoint records the data config.
-    """
-
-    path: Path
-    kind: str
-    model: StereoT5
-    sample_rate: int | None
-    sample_rate_source: str
-    train_seq_len: int | None
-
-    @property
-    def codec(self) -> Codec:
-        return self.model.codec
-
-    @property
-    def max_len(self) -> int:
-        return int(self.model.hparams.max_len)
-
-
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning may pickle hyperparameter objects: our own files only
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
-                f"{path}: not a readable checkpoint ({reason}); pass a Lightning .ckpt or a "
-                "StereoT5.save_pretrained folder"
-            ) from None
-
-
-def _manifest_rate(manifest: Any, what: str) -> tuple[int | None, str]:
-    if not manifest:
-        return None, f"{what}: no shard manifest recorded"
-    try:
-        rate = Manifest.load(Path(manifest)).config.sample_rate
-    except PipelineError:
-        return None, f"the training shards {manifest} (from the {what}) are not readable here"
-    return int(rate), f"training shards {manifest} (from the {what})"
-
-
-def _lightning(path: Path) -> tuple[StereoT5, dict, dict]:
-    ckpt = _torch_load(path)
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hparams or "codec" not in hparams or "state_dict" not in ckpt:
-        raise ModelError(f"{path}: not a StereoT5 Lightning checkpoint (no codec hyperparameter)")
-    known = set(inspect.signature(StereoT5.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hparams.items() if k in known}
-    # init_from was only the starting point of training: the checkpoint holds the weights
-    model = StereoT5(**{**kwargs, "init_from": None, "compile": False})
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ModelError(
-            f"{path}: weights do not fit the model its hyperparameters describe ({first})"
-        ) from None
-    return model, dict(hparams), dict(ckpt.get("datamodule_hyper_parameters") or {})
-
-
-def _export_data_config(folder: Path) -> tuple[dict, str]:
-    """The `data.init_args` of the LightningCLI config.yaml beside an export folder (on_fit_end
-    exports into the run's log_dir, where LightningCLI saves config.yaml), and what was read."""
-    config = folder.parent / "config.yaml"
-    if not config.is_file():
-        return {}, f"no config.yaml beside the export folder {folder.name}"
-    try:
-        import yaml
-
-        data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
-    except Exception:
-        return {}, f"{config} (not readable)"
-    init_args = data.get("init_args") if isinstance(data, dict) else None
-    return dict(init_args or {}), str(config)
-
-
-def load_model(ckpt: str | Path, device: str | None = None) -> LoadedModel:
-    """A Lightning ``.ckpt`` of StereoT5 or a ``save_pretrained`` folder -> model in eval mode.
-
-    Raises:
-        ModelError: a missing path, a file that is not a StereoT5 checkpoint, a folder without
-            ``stereo_t5.json``, weights that do not fit.
-    """
-    path = Path(ckpt)
-    if not path.exists():
-        raise ModelError(f"{path}: no checkpoint here; pass a .ckpt file or an export folder")
-    if path.is_dir():
-        if not (path / META_NAME).is_file():
-            raise ModelError(
-                f"{path}: a folder without {META_NAME}: pass a .ckpt or a folder written by "
-                "StereoT5.save_pretrained (the run's export/)"
-            )
-        model = StereoT5.from_pretrained(path)
-        hparams = dict(model.hparams)
-        data, what = _export_data_config(path)
-        kind = "export"
-    else:
-        model, hparams, data = _lightning(path)
-        what = (
-            "checkpoint's datamodule hyperparameters"
-            if data
-            else "no data config in the checkpoint"
-        )
-        kind = "lightning"
-    if hparams.get("sample_rate"):  # a future model that records its rate itself
-        rate, source = int(hparams["sample_rate"]), "the model's hyperparameters"
-    elif data.get("sample_rate"):
-        rate, source = int(data["sample_rate"]), what
-    elif data:
-        rate, source = _manifest_rate(data.get("manifest"), what)
-    else:
-        rate, source = None, what
-    seq_len = data.get("seq_len")
-    model = model.to(_device(device)).eval()
-    return LoadedModel(path, kind, model, rate, source, int(seq_len) if seq_len else None)
-
-
-def resolve_seq_len(
-    loaded: LoadedModel,
-    seq_len: int | None,
-    codec: str | None = None,
-    chunk_frames: int | None = None,
-) -> int:
-    """Check what the user asks against the checkpoint; return the window length to use.
-
-    The shards hold uint16 PCM, so any codec could be applied to them: the checkpoint's codec is
-    the one that must be. Default window: the training window (else max_len), at most a chunk.
-
-    Raises:
-        ModelError: ``codec`` differs from the checkpoint's, or ``seq_len`` exceeds its max_len
-            (the relative-attention span it was built for), is < 1 or is not a multiple of its
-            patch_size.
-    """
-    if codec is not None and get_codec(codec).name != loaded.codec.name:
-        raise ModelError(
-            f"{loaded.path}: trained with codec {loaded.codec.name}, asked for "
-            f"{get_codec(codec).name}; the shards hold 16-bit PCM and take the checkpoint's "
-            f"codec: drop --codec or pass --codec {loaded.codec.name}"
-        )
-    patch = loaded.model.patch_size
-    if seq_len is None:
-        seq_len = min(loaded.train_seq_len or loaded.max_len, loaded.max_len)
-        if chunk_frames:
-            seq_len = min(seq_len, chunk_frames)
-        seq_len -= seq_len % patch  # a patched model reads whole patches
-    if seq_len < 1:
-        raise ModelError(f"seq_len must be >= 1, got {seq_len}")
-    if seq_len % patch:
-        raise ModelError(
-            f"{loaded.path}: seq_len {seq_len} is not a multiple of the model's patch_size "
-            f"{patch}: use --seq-len {max(patch, seq_len - seq_len % patch)}"
-        )
-    if seq_len > loaded.max_len:
-        raise ModelError(
-            f"{loaded.path}: seq_len {seq_len} is above the checkpoint's max_len "
-            f"{loaded.max_len} (the window its relative attention was built for): use "
-            f"--seq-len {loaded.max_len} or less"
-        )
-    return seq_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,231 +284,6 @@ def _generated(
 
 
 # ---------------------------------------------------------------------------------------------
-# Training curve
-
-
-def find_metrics_csv(ckpt: str | Path, levels_up: int = 1) -> Path | None:
-    """The newest `metrics.csv` (Lightning's CSVLogger) at most 3 folders below the checkpoint's
-    folder or one of its `levels_up` parents, nearest first; None if there is none.
-
-    One level up covers both layouts of a run: `ROOT/checkpoints/last.ckpt` beside
-    `ROOT/csv/version_N/metrics.csv`, and `ROOT/csv/version_N/export/` inside the version folder.
-    Going further would pick up other runs' curves, and the bounded depth keeps a checkpoint
-    lying in a home folder from walking the whole disk.
-    """
-    path = Path(ckpt).resolve()
-    start = path if path.is_dir() else path.parent
-    for folder in [start, *list(start.parents)[:levels_up]]:
-        found = [
-            p
-            for pattern in ("metrics.csv", "*/metrics.csv", "*/*/metrics.csv", "*/*/*/metrics.csv")
-            for p in folder.glob(pattern)
-            if p.is_file()
-        ]
-        if found:
-            return max(found, key=lambda p: p.stat().st_mtime)
-    return None
-
-
-def read_curve(path: Path) -> dict[str, tuple[list[int], list[float]]]:
-    """{metric: (steps, values)} for train/val bits per sample (and the val bits of the logistic
-    head untrained) in a CSVLogger metrics.csv."""
-    curve: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in METRIC_NAMES}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                for name in METRIC_NAMES:
-                    value, step = row.get(name), row.get("step")
-                    if value not in (None, "") and step not in (None, ""):
-                        curve[name][0].append(int(float(step)))
-                        curve[name][1].append(float(value))
-    except (OSError, ValueError, csv.Error):
-        return {}
-    return {k: v for k, v in curve.items() if v[0]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Report files
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _model_kind(model: dict) -> str:
-    patch = model.get("patch_size", 1)
-    kind = "per-sample" if patch == 1 else f"patches of {patch}, two-level decoder"
-    return f"{kind}, {model['head']} head, {model['parameters'] / 1e6:.2f} M parameters"
-
-
-def learning_checks(bits: dict, comparable_to_flac: bool) -> list[dict]:
-    """The demo's gate (design §10), as checks on the teacher-forced bits/sample: below FLAC of
-    the target alone (pcm16 only: other codecs' bits are of a lossy signal), and, with the
-    logistic head, below the same head at step 0. That head's adaptive predictor alone already
-    beats FLAC, so for it only the second check fails a model that learned nothing."""
-    model, checks = bits["model"], []
-    if comparable_to_flac:
-        margin = bits["flac_target_alone"] - model
-        checks.append({"check": "below FLAC of target alone", "by": margin, "passed": margin > 0})
-    if bits["model_untrained"] is not None:
-        margin = bits["model_untrained"] - model
-        checks.append(
-            {"check": "below the same head untrained", "by": margin, "passed": margin > 0}
-        )
-    return checks
-
-
-def render_markdown(report: dict) -> str:
-    """The two tables of report.md, readable in ten seconds."""
-    bits, snr, counts = report["bits_per_sample"], report["snr_db"], report["counts"]
-    codec, cfg = report["codec"], report["config"]
-    if report["bits_comparable_to_flac"]:
-        model_row = "model (teacher-forced)"
-    else:
-        model_row = (
-            f"model (teacher-forced; bits of the lossy {codec} signal, not comparable to FLAC)"
-        )
-    side = "two-sided" if not cfg["fir_causal"] else "causal"
-    untrained_row = (
-        []
-        if bits["model_untrained"] is None
-        else [f"| same head untrained (its predictor alone) | {bits['model_untrained']:.3f} |"]
-    )
-    temperature, level = cfg["temperature"], cfg["flac_compression_level"]
-    lines = [
-        f"# Evaluation: {report['split']} split",
-        "",
-        f"- checkpoint: `{report['ckpt']}` ({_model_kind(report['model'])})",
-        f"- shards: `{report['shards']}`",
-        f"- codec {codec}, direction {report['direction']}, {report['sample_rate']} Hz, "
-        f"{counts['chunks']} chunks x {counts['chunk_frames']} frames "
-        f"({counts['samples_scored']} target samples scored), windows of {cfg['seq_len']}",
-        "",
-        "| target channel | bits / sample |",
-        "|---|---:|",
-        f"| {model_row} | {_fmt(bits['model'], 3)} |",
-        *untrained_row,
-        f"| FLAC of target given input | {_fmt(bits['flac_given_input'], 3)} |",
-        f"| FLAC of target alone | {_fmt(bits['flac_target_alone'], 3)} |",
-        f"| level entropy of target ({codec}) | {_fmt(bits['level_entropy'], 3)} |",
-        "",
-        *(
-            f"- model {c['check']}: {'yes' if c['passed'] else 'NO'}, by {c['by']:.3f} bits/sample"
-            for c in report["checks"]
-        ),
-        *([""] if report["checks"] else []),
-        f"| generated target, {counts['generated_windows']} windows x {cfg['seq_len']} | SNR dB |",
-        "|---|---:|",
-        f"| model greedy | {_fmt(snr['model_greedy'], 2)} |",
-        f"| model sampled (T = {temperature:g}) | {_fmt(snr['model_sampled'], 2)} |",
-        f"| copy input | {_fmt(snr['copy'], 2)} |",
-        f"| best gain | {_fmt(snr['best_gain'], 2)} |",
-        f"| LS FIR, {cfg['fir_taps']} taps {side}, fitted per window (oracle) "
-        f"| {_fmt(snr['ls_fir'], 2)} |",
-    ]
-    if not report["codec_exact"]:
-        lines.append(
-            f"| {codec} round trip of the truth (ceiling) | {_fmt(snr['codec_round_trip'], 2)} |"
-        )
-    lines += [
-        "",
-        f"FLAC: whole chunks, libsndfile compression level {level:g} (FLAC preset "
-        f"{round(8 * level)}). SNR: against the original 16-bit target, energies summed over "
-        "windows.",
-    ]
-    lines += [f"\nwarning: {w}" for w in report["warnings"]]
-    return "\n".join(lines) + "\n"
-
-
-def _spectrogram(x: np.ndarray, nfft: int) -> np.ndarray:
-    """dB power [freq, frames] of a Hann-windowed STFT, hop nfft / 2 (-100 dB floor)."""
-    x = np.asarray(x, dtype=np.float64) / 32768.0
-    hop = nfft // 2
-    frames = max(1, 1 + (len(x) - nfft) // hop)
-    window = np.hanning(nfft)
-    rows = [np.pad(x[i * hop : i * hop + nfft], (0, max(0, nfft - len(x)))) for i in range(frames)]
-    power = np.abs(np.fft.rfft(np.stack(rows) * window, axis=1)) ** 2
-    return 10 * np.log10(power.T + 1e-10)
-
-
-def _plot(report: dict, example: dict | None, curve: dict, path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(12, 11), layout="constrained")
-    FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(3, 2)
-    bits = report["bits_per_sample"]
-    ax = fig.add_subplot(grid[0, 0])
-    rows = [
-        ("model", bits["model"], "tab:blue"),
-        ("untrained", bits["model_untrained"], "tab:cyan"),
-        ("FLAC |\ninput", bits["flac_given_input"], "tab:orange"),
-        ("FLAC\nalone", bits["flac_target_alone"], "tab:red"),
-        ("level\nentropy", bits["level_entropy"], "tab:gray"),
-    ]
-    names, values, colors = zip(*[row for row in rows if row[1] is not None], strict=True)
-    bars = ax.bar(names, values, color=colors)
-    ax.bar_label(bars, fmt="%.2f")
-    ax.set_ylim(0, 1.15 * max(values))
-    lossy = "" if report["bits_comparable_to_flac"] else f" (model: lossy {report['codec']})"
-    ax.set_title(f"bits per target sample, {report['split']}{lossy}")
-    ax.set_ylabel("bits / sample")
-
-    ax = fig.add_subplot(grid[0, 1])
-    if curve:
-        for name, (steps, vals) in curve.items():
-            ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("bits / sample")
-        ax.legend()
-        ax.set_title("training curve")
-    else:
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no metrics.csv near the checkpoint", ha="center", va="center")
-
-    if example is None:
-        ax = fig.add_subplot(grid[1:, :])
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no generated window (--generate 0)", ha="center", va="center")
-    else:
-        rate = report["sample_rate"]
-        truth, greedy = example["truth"], example["greedy"]
-        t = np.arange(len(truth)) / rate * 1000
-        ax = fig.add_subplot(grid[1, :])
-        ax.plot(t, example["input"], color="0.75", lw=0.8, label="input channel")
-        ax.plot(t, truth, color="tab:blue", lw=1.0, label="target (truth)")
-        ax.plot(t, greedy, color="tab:orange", lw=1.0, alpha=0.85, label="generated (greedy)")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("int16")
-        ax.legend(loc="upper right")
-        ax.set_title("one generated window")
-        nfft = int(min(512, max(16, 2 ** int(math.log2(max(16, len(truth) // 8))))))
-        spec_truth, spec_pred = _spectrogram(truth, nfft), _spectrogram(greedy, nfft)
-        vmax = float(max(spec_truth.max(), spec_pred.max()))
-        extent = (0, len(truth) / rate * 1000, 0, rate / 2000)
-        for col, (title, spec) in enumerate(
-            (("truth", spec_truth), ("generated (greedy)", spec_pred))
-        ):
-            ax = fig.add_subplot(grid[2, col])
-            image = ax.imshow(
-                spec,
-                origin="lower",
-                aspect="auto",
-                extent=extent,
-                vmin=vmax - 90,
-                vmax=vmax,
-                cmap="magma",
-            )
-            ax.set_title(f"spectrogram: {title}")
-            ax.set_xlabel("ms")
-            ax.set_ylabel("kHz")
-        fig.colorbar(image, ax=ax, label="dB")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-
-
-# ---------------------------------------------------------------------------------------------
 # The evaluation
 
 
@@ -875,27 +471,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(files["json"]), json.dumps(report, indent=1) + "\n")
     atomic_write_text(Path(files["md"]), render_markdown(report))
-    _plot(report, gen["example"], curve, Path(files["png"]))
+    plot_report(report, gen["example"], curve, Path(files["png"]))
     return report
-
-
-def add_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """Options `evaluate` and `predict` share: where and how fast the model runs."""
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's); 1 is often fastest for small models, "
-        "which decode one sample per step",
-    )
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def apply_runtime_options(args: argparse.Namespace) -> None:
-    transformers_logging.disable_progress_bar()  # "Loading weights" of an export folder
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,14 +28,14 @@ from pipeline.audio import AudioReader
 from pipeline.codec import Codec, int16_to_pcm16
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_path
-from trainer.data import DIRECTIONS
-from trainer.evaluate import (
+from trainer.checkpoint import (
     add_runtime_options,
     apply_runtime_options,
-    generate_windows,
     load_model,
     resolve_seq_len,
 )
+from trainer.data import DIRECTIONS
+from trainer.evaluate import generate_windows
 from trainer.model import StereoT5
 
 __all__ = ["main", "predict"]
