@@ -1,7 +1,8 @@
 """Training-step benchmark, in three parts measured side by side in one run (design §10):
 
-- heads: seconds per step and peak activation memory for `full`, `chunked` and `coarse_fine`
-  (align off and on) next to the same body with a 256-way head (the floor any 16-bit head can
+- heads: seconds per step and peak activation memory for `full`, `chunked`, `coarse_fine`
+  (align off and on) and `logistic` (the demo's head: an adaptive predictor in float64 under a
+  4-component mixture) next to the same body with a 256-way head (the floor any 16-bit head can
   reach), each also with the body's attention block-wise (`attn_block`, trainer/attention.py)
   and with that plus activation checkpointing of the body (`checkpoint_body`);
 - patches: the per-sample model (P = 1) against the patched encoder / two-level decoder
@@ -47,6 +48,7 @@ HEAD_ROWS = [
         ("chunked", "chunked", False),
         ("coarse_fine", "coarse_fine", False),
         ("coarse_fine+align", "coarse_fine", True),
+        ("logistic", "logistic", False),
         ("floor256", "floor256", False),
     ]
     if not (body and align)
@@ -246,7 +248,7 @@ def heads_part(args) -> None:
             )
         for suffix in BODIES:
             full = rows["full" + suffix]
-            for label in ("chunked", "coarse_fine"):
+            for label in ("chunked", "coarse_fine", "logistic"):
                 r = rows[label + suffix]
                 summary.append(
                     f"L={length} {label + suffix} vs full{suffix}: "

@@ -20,7 +20,7 @@ per-position NLL in nats (0 where ignored) and an argmax prediction:
 - ``logistic`` (``trainer.logistic``): a discretized logistic mixture over the V levels (exact
   per-level probabilities from CDF differences) whose means follow a backward-adaptive linear
   predictor of the target from its own past and the input around t, and whose scales and
-  weights an MLP sets from the decoder state and the recent error level. Per-position NLL in
+  weights the network sets from the recent error level and the decoder state. Per-position NLL in
   nats like the others; the prediction is the mixture's mode. Needs patch_size 1, no residual.
 
 Metrics are exact over any number of batches: every step reduces to sums (NLL, target count,
