@@ -286,6 +286,22 @@ def test_a_codec_or_window_the_checkpoint_was_not_built_for_is_a_clear_error(
     assert not out.exists()
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_one_clear_line(
+    ckpt, shard_dir, tmp_path, capsys
+):
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    dropped = sorted(k for k in saved["state_dict"] if k.startswith("head."))[0]
+    del saved["state_dict"][dropped]  # as if written by a version without that layer
+    old = tmp_path / "old.ckpt"
+    torch.save(saved, old)
+    args = ["--ckpt", str(old), "--shards", str(shard_dir), "--out", str(tmp_path / "never")]
+    assert evaluate_module.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {old}: weights do not fit") and err.count("\n") == 1
+    assert f'Missing key(s) in state_dict: "{dropped}"' in err and "train again" in err
+    assert not (tmp_path / "never").exists()
+
+
 def test_learning_checks_compare_with_flac_and_with_the_untrained_head():
     bits = dict(model=5.0, model_untrained=5.5, flac_target_alone=6.25)
     checks = learning_checks(bits, comparable_to_flac=True)

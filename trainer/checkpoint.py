@@ -94,9 +94,12 @@ def _lightning(path: Path) -> tuple[StereoT5, dict, dict]:
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        # torch's first line is only "Error(s) in loading state_dict for StereoT5:"
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
         raise ModelError(
-            f"{path}: weights do not fit the model its hyperparameters describe ({first})"
+            f"{path}: weights do not fit the model its hyperparameters describe ({detail}); it "
+            "was written by another version of this code: load it there, or train again"
         ) from None
     return model, dict(hparams), dict(ckpt.get("datamodule_hyper_parameters") or {})
 
