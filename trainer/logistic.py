@@ -97,7 +97,9 @@ class LogisticHead(nn.Module):
     ) -> None:
         super().__init__()
         if levels < 2 or mixtures < 1 or order < 2 or taps < 0 or block < 1:
-            raise ValueError("logistic head: levels >= 2, mixtures >= 1, order >= 2, taps >= 0")
+            raise ValueError(
+                "logistic head: levels >= 2, mixtures >= 1, order >= 2, taps >= 0, block >= 1"
+            )
         if not 0.0 < forget <= 1.0:
             raise ValueError(f"logistic head: forget must be in (0, 1], got {forget}")
         self.levels, self.mid = levels, levels // 2
