@@ -26,8 +26,9 @@ from pipeline.index import build_index
 from pipeline.records import Manifest
 from pipeline.shard import write_shards
 from pipeline.synth import synth_mixture
-from trainer.data import ShardDataModule, StereoWavChunkDataset
-from trainer.tasks import TASKS
+from trainer.data import ShardDataModule
+from trainer.data.seed_style import StereoWavChunkDataset
+from trainer.data.tasks import TASKS
 
 RATE = 44100
 BATCH = 8
@@ -141,8 +142,8 @@ def main() -> None:
                 str(root / "shards"), seq_len=seq_len, batch_size=BATCH, num_workers=0
             )
             stream = dm.train_stream()
-            blocks = [stream._block(0, 0, b) for b in range(20)]
-            windows_per_chunk = sum(len(b.order) for b in blocks) / (20 * stream.block_chunks)
+            groups = [stream._group(0, 0, g) for g in range(20)]
+            windows_per_chunk = sum(len(g.order) for g in groups) / (20 * stream.group_chunks)
             read_per_chunk = shard_bytes / manifest.samples("train")
             # a window delivers L input and L label tokens of 2 bytes (uint16) each
             print(

@@ -57,7 +57,7 @@ def _cmd_shard(args: argparse.Namespace) -> None:
         silence_db=args.silence_db,
         include=args.include,
         group_by=args.group_by,
-        window=args.window,
+        interleave=args.interleave,
     )
     _print_shard_summary(m, args.out or args.index.parent)
 
@@ -205,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "regex:PATTERN (first group of the match)",
     )
     p.add_argument(
-        "--window", type=int, default=16, help="files interleaved at a time (default 16)"
+        "--interleave",
+        "--window",  # the old name, kept as an alias
+        dest="interleave",
+        type=int,
+        default=16,
+        help="files whose chunks are mixed at a time (default 16)",
     )
     p.add_argument(
         "--partition", metavar="I/N", help="write only part I of N (a job array); join with `merge`"

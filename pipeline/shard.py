@@ -1,4 +1,4 @@
-"""index.json -> uint16 chunk tar shards + manifest.json (design §5, §10).
+"""index.json -> uint16 chunk tar shards + manifest.json (see docs/data.md, docs/formats.md).
 
 The whole plan (which chunk of which file lands where in which shard) is computed from the
 index before any audio is read, so shards are independent jobs: they run in parallel, a
@@ -139,17 +139,19 @@ class _ShardJob:
         return len(self.chunks) * self.chunk_frames / self.sample_rate
 
 
-def interleave(chunk_counts: list[int], window: int, rng: np.random.Generator) -> np.ndarray:
-    """`[n, 2]` (file position, chunk number): chunks of a seeded window of `window` files.
+def interleave_chunks(
+    chunk_counts: list[int], interleave: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`[n, 2]` (file position, chunk number): the chunks of `interleave` files at a time, mixed.
 
-    Files enter the window in the given order and leave it when their chunks are used up; each
-    step takes the next chunk of a random file of the window, so a shard mixes many songs while
-    only `window` files are being read at a time.
+    Files join the mix in the given order and leave it when their chunks are used up; each step
+    takes the next chunk of a random file of the mix (seeded), so a shard mixes many songs while
+    only `interleave` files are being read at a time. (The manifest stores it as `window`.)
     """
     total = sum(chunk_counts)
     out = np.empty((total, 2), dtype=np.int64)
     queue = iter([i for i, c in enumerate(chunk_counts) if c > 0])
-    active = list(itertools.islice(queue, window))
+    active = list(itertools.islice(queue, interleave))
     taken = [0] * len(chunk_counts)
     picks = rng.random(total)
     for n in range(total):
@@ -201,7 +203,7 @@ def _write_shard(job: _ShardJob) -> ShardInfo:
 class ShardPlan:
     config: ShardConfig
     root: str
-    files: dict[str, list[_File]]  # split -> files, in window order
+    files: dict[str, list[_File]]  # split -> files, in the order they join the interleave
     jobs: list[_ShardJob]
     dropped_tail_frames: int
     rejected: dict[str, str]
@@ -223,7 +225,7 @@ def plan_shards(
     silence_db: float = -90.0,
     include: list[str] | None = None,
     group_by: str = "parent",
-    window: int = 16,
+    interleave: int = 16,
 ) -> ShardPlan:
     """Check the inputs and decide every chunk's place from the index alone."""
     if chunk_frames <= 0:
@@ -273,7 +275,7 @@ def plan_shards(
         silence_db=silence_db,
         include=list(include or []),
         shard_bytes=parse_bytes(shard_bytes),
-        window=window,
+        window=interleave,  # the stored key keeps its name: old shard sets still load
     )
     files: dict[str, list[_File]] = {s: [] for s in SPLITS}
     dropped = 0
@@ -300,9 +302,9 @@ def plan_shards(
         order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(files[split]))
         files[split] = [files[split][i] for i in order]
         table = [(f.rel, f.entry.frames, f.entry.channels, f.key) for f in files[split]]
-        plan = interleave(
+        plan = interleave_chunks(
             [f.chunks for f in files[split]],
-            window,
+            interleave,
             np.random.default_rng([seed, SPLITS.index(split), 1]),
         )
         for number, lo in enumerate(range(0, len(plan), per_shard)):

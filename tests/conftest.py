@@ -18,7 +18,7 @@ CHUNK = 4096
 # The smallest StereoT5 body the model tests use; each test adds max_len, head, ...
 TINY_MODEL = dict(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16)
 # Options of the fixture shard set; tests that re-shard pass the same ones.
-SHARD_OPTIONS = dict(chunk_frames=CHUNK, shard_bytes=60_000, seed=0, val=0.3, window=4)
+SHARD_OPTIONS = dict(chunk_frames=CHUNK, shard_bytes=60_000, seed=0, val=0.3, interleave=4)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -16,16 +17,14 @@ from torch.utils.data import DataLoader
 
 from pipeline import audio
 from pipeline.codec import get_codec, int16_to_pcm16
-from pipeline.errors import PipelineError
+from pipeline.errors import UserError
 from pipeline.records import AudioIndex, Manifest
-from trainer import data as data_mod
-from trainer.data import (
-    IGNORE,
-    SeedStereoDataModule,
-    ShardDataModule,
-    StereoWavChunkDataset,
-    eval_windows,
-)
+from trainer.data import SeedStereoDataModule, ShardDataModule
+from trainer.data.batch import IGNORE, tokenize
+from trainer.data.datamodule import ShardLoader
+from trainer.data.seed_style import StereoWavChunkDataset
+from trainer.data.shards import DECODED, iter_chunks
+from trainer.data.windows import cover, eval_windows
 
 SEQ = 1024
 
@@ -59,7 +58,7 @@ def test_tokens_equal_the_codec_of_the_source_audio(tree, shard_dir, codec):
     c = get_codec(codec)
     root = AudioIndex.load(tree.index).root
     for raw in _take(dm.train_stream().batches(0, 0, 0), 6):
-        batch = data_mod.tokenize(raw, c)
+        batch = tokenize(raw, c)
         for row in range(len(batch["direction"])):
             source, start = batch["source"][row], int(batch["start"][row])
             frames = int16_to_pcm16(audio.read(f"{root}/{source}", start, SEQ))
@@ -71,17 +70,17 @@ def test_tokens_equal_the_codec_of_the_source_audio(tree, shard_dir, codec):
 def test_every_window_of_every_chunk_visit_is_delivered_once(shard_dir):
     dm = _module(shard_dir, return_meta=True, batch_size=1)
     stream = dm.train_stream()
-    blocks = [stream._block(0, 0, b) for b in range(3)]
+    groups = [stream._group(0, 0, b) for b in range(3)]
     expected = Counter()
     chunks = stream._chunks_from(0, 0, 0)
-    for block in blocks:
-        for offset, count in zip(block.offsets, block.counts, strict=True):
+    for group in groups:
+        for offset, count in zip(group.offsets, group.counts, strict=True):
             _, (source, chunk_start) = next(chunks)
             expected.update((source, chunk_start + offset + i * SEQ) for i in range(count))
-    n = sum(len(b.order) for b in blocks)
+    n = sum(len(b.order) for b in groups)
     got = Counter(b["meta"][0] for b in _take(stream.batches(0, 0, 0), n))
     assert got == expected
-    assert all(c in (CHUNK // SEQ, CHUNK // SEQ - 1) for b in blocks for c in b.counts)
+    assert all(c in (CHUNK // SEQ, CHUNK // SEQ - 1) for b in groups for c in b.counts)
 
 
 def test_consecutive_rows_rarely_share_a_chunk(shard_dir):
@@ -103,7 +102,7 @@ def test_eval_covers_every_chunk_once_over_two_ranks_two_workers(shard_dir):
     counts = []
     for rank in range(2):
         stream = dm.eval_stream("test", rank=rank, world_size=2)
-        batches = list(data_mod.ShardLoader(stream, "pcm16", num_workers=2))
+        batches = list(ShardLoader(stream, "pcm16", num_workers=2))
         counts.append(len(batches))
         assert len(batches) == len(stream)
         for b in batches:
@@ -114,7 +113,7 @@ def test_eval_covers_every_chunk_once_over_two_ranks_two_workers(shard_dir):
     assert counts[0] == counts[1]
     samples = {}
     for info in manifest.shards["test"]:
-        for name, raw in data_mod.iter_chunks(f"{shard_dir}/{info.path}", want_meta=True):
+        for name, raw in iter_chunks(f"{shard_dir}/{info.path}", want_meta=True):
             samples[raw] = name
     expected = {(src, start + t) for src, start in samples for t in range(CHUNK)}
     assert set(seen) == expected and set(seen.values()) == {1}
@@ -128,10 +127,19 @@ def test_eval_windows_score_every_frame_once():
     assert sorted(covered) == list(range(4096)) and set(covered.values()) == {1}
 
 
+@pytest.mark.parametrize(("frames", "length"), [(4096, 1000), (4000, 1000), (999, 1000), (1, 1)])
+def test_cover_keeps_every_frame_once_and_every_window_whole(frames, length):
+    windows = cover(frames, length)
+    kept = [t for s, k in windows for t in range(s + k, min(s + length, frames))]
+    assert kept == list(range(frames))
+    assert all(s >= 0 and (s + length <= frames or frames < length) for s, _ in windows)
+    assert [w.start for w in windows][:-1] == list(range(0, length * (len(windows) - 1), length))
+
+
 def test_same_seed_same_batches_next_epoch_differs(shard_dir):
     def epoch_batches(epoch, seed=3):
         dm = _module(shard_dir, num_workers=2, seed=seed)
-        loader = data_mod.ShardLoader(dm.train_stream(), "pcm16", lambda: (epoch, 0), num_workers=2)
+        loader = ShardLoader(dm.train_stream(), "pcm16", lambda: (epoch, 0), num_workers=2)
         return _take(loader, 6)
 
     first = epoch_batches(0)
@@ -144,41 +152,39 @@ def test_same_seed_same_batches_next_epoch_differs(shard_dir):
 def test_resume_continues_with_the_uninterrupted_batches(shard_dir, workers):
     dm = _module(shard_dir, num_workers=workers, batches_per_epoch=40)
     stream = dm.train_stream()
-    whole = list(data_mod.ShardLoader(stream, "pcm16", lambda: (1, 0), num_workers=workers))
+    whole = list(ShardLoader(stream, "pcm16", lambda: (1, 0), num_workers=workers))
     assert len(whole) == 40
     for start in (1, 7, 23):
-        resumed = list(
-            data_mod.ShardLoader(stream, "pcm16", lambda s=start: (1, s), num_workers=workers)
-        )
+        resumed = list(ShardLoader(stream, "pcm16", lambda s=start: (1, s), num_workers=workers))
         assert _same(resumed, whole[start:])
 
 
 def test_resume_decodes_no_skipped_sample(shard_dir):
     dm = _module(shard_dir, batch_size=2, shuffle_buffer=8, batches_per_epoch=400)
     stream = dm.train_stream()
-    block_windows = len(stream._block(0, 0, 0).order)
-    data_mod.DECODED["samples"] = 0
+    group_windows = len(stream._group(0, 0, 0).order)
+    DECODED["samples"] = 0
     next(iter(stream.batches(0, 0, 300)))
-    assert data_mod.DECODED["samples"] <= stream.block_chunks  # one block, not 300 batches
-    assert 3 * block_windows < 300 * 2
+    assert DECODED["samples"] <= stream.group_chunks  # one shuffle group, not 300 batches
+    assert 3 * group_windows < 300 * 2
 
 
 def test_seq_len_above_chunk_and_bad_direction_are_clear_errors(shard_dir):
-    with pytest.raises(PipelineError, match="larger than the shards' chunk"):
+    with pytest.raises(UserError, match="larger than the shards' chunk"):
         _module(shard_dir, seq_len=CHUNK + 1)
-    with pytest.raises(PipelineError, match="l2r, r2l or random"):
+    with pytest.raises(UserError, match="l2r, r2l or random"):
         _module(shard_dir, direction="L->R")
 
 
 def test_missing_manifest_and_empty_split_are_clear_errors(shard_dir, tmp_path):
-    with pytest.raises(PipelineError, match="no shard manifest here"):
+    with pytest.raises(UserError, match="no shard manifest here"):
         ShardDataModule(str(tmp_path))
     copy = tmp_path / "copy"
     shutil.copytree(shard_dir, copy)
     m = Manifest.load(copy)
     m.shards["val"] = []
     m.save(copy / "manifest.json")
-    with pytest.raises(PipelineError, match="no val shards"):
+    with pytest.raises(UserError, match="no val shards"):
         _module(copy).val_dataloader()
 
 
@@ -190,8 +196,8 @@ def test_a_shard_with_a_pickle_member_is_refused(shard_dir, tmp_path):
         member = tarfile.TarInfo("zz_000001.pkl")
         member.size = 4
         tar.addfile(member, io.BytesIO(b"\x80\x04K."))
-    with pytest.raises(PipelineError, match="refuses other members"):
-        list(data_mod.iter_chunks(str(copy / info.path)))
+    with pytest.raises(UserError, match="refuses other members"):
+        list(iter_chunks(str(copy / info.path)))
 
 
 def test_seed_style_dataset_is_the_original_design(tree):
@@ -226,16 +232,13 @@ def test_persistent_workers_follow_the_epoch(shard_dir):
     epoch = {"now": 0}
     dm = _module(shard_dir, num_workers=2, batches_per_epoch=8)
     stream = dm.train_stream()
-    persistent = data_mod.ShardLoader(
+    persistent = ShardLoader(
         stream, "pcm16", lambda: (epoch["now"], 0), num_workers=2, persistent_workers=True
     )
     first = list(persistent)
     epoch["now"] = 1
     second = list(persistent)
-    fresh = [
-        list(data_mod.ShardLoader(stream, "pcm16", lambda e=e: (e, 0), num_workers=2))
-        for e in (0, 1)
-    ]
+    fresh = [list(ShardLoader(stream, "pcm16", lambda e=e: (e, 0), num_workers=2)) for e in (0, 1)]
     assert _same(first, fresh[0]) and _same(second, fresh[1]) and not _same(first, second)
 
 
@@ -251,7 +254,7 @@ def test_continuation_labels_are_the_frames_right_after_the_input(tree, shard_di
     c = get_codec("pcm16")
     root = AudioIndex.load(tree.index).root
     for raw in _take(dm.train_stream().batches(0, 0, 0), 4):
-        batch = data_mod.tokenize(raw, c)
+        batch = tokenize(raw, c)
         assert batch["input_ids"].shape == (4, 512) and batch["labels"].shape == (4, 256)
         for row in range(4):
             source, start = batch["source"][row], int(batch["start"][row])
@@ -264,7 +267,14 @@ def test_continuation_labels_are_the_frames_right_after_the_input(tree, shard_di
 
 
 def test_a_task_that_does_not_fit_the_chunk_is_a_clear_error(shard_dir):
-    with pytest.raises(PipelineError, match=r"seq_len 4000 \+ target_len is larger"):
+    with pytest.raises(UserError, match=r"seq_len 4000 \+ target_len is larger"):
         _module(shard_dir, seq_len=4000, task="continuation", target_len=200)
-    with pytest.raises(PipelineError, match="task 'denoise"):
+    with pytest.raises(UserError, match="task 'denoise"):
         _module(shard_dir, task="denoise-everything")
+
+
+def test_a_set_stored_with_the_old_window_key_loads_and_trains(shard_dir):
+    config = json.loads((shard_dir / "manifest.json").read_text())["config"]
+    assert config["window"] == 4 and "interleave" not in config  # as before the rename
+    batch = next(iter(_module(shard_dir, batch_size=2).train_dataloader()))
+    assert batch["input_ids"].shape == (2, SEQ)

@@ -264,3 +264,32 @@ def test_cli_index_and_shard_never_import_torch(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "manifest.json").exists()
+
+
+def _cli_shard(index: Path, out: Path, *flag: str) -> None:
+    from pipeline.cli import main
+
+    args = ["--chunk-frames", str(CHUNK), "--shard-bytes", "60000", "--seed", "0", "--val", "0.3"]
+    assert (
+        main(["shard", str(index), "--out", str(out), *args, *flag, "--jobs", "1", "--quiet"]) == 0
+    )
+
+
+def test_old_window_flag_is_an_alias_of_interleave_with_identical_bytes(tree, shard_dir, tmp_path):
+    _cli_shard(tree.index, tmp_path / "old", "--window", "4")
+    _cli_shard(tree.index, tmp_path / "new", "--interleave", "4")
+    assert _digests(tmp_path / "old") == _digests(tmp_path / "new") == _digests(shard_dir)
+    _cli_shard(tree.index, tmp_path / "other", "--interleave", "2")
+    assert _digests(tmp_path / "other") != _digests(shard_dir)
+
+
+def test_a_set_stored_with_the_window_key_resumes_and_verifies(tree, shard_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir, copy)
+    stored = json.loads((copy / "manifest.json").read_text())["config"]
+    assert stored["window"] == 4 and "interleave" not in stored  # the format is unchanged
+    assert json.loads((copy / shard_mod.CONFIG_STAMP).read_text())["window"] == 4
+    assert Manifest.load(copy).config.window == 4
+    shard_mod.write_shards(tree.index, copy, jobs=1, progress=False, **SHARD_OPTIONS)  # resumes
+    assert _digests(copy) == _digests(shard_dir)
+    assert verify(copy, progress=False) == []

@@ -1,4 +1,4 @@
-"""trainer.tasks: the exact relation between input and label for every task."""
+"""trainer.data.tasks and .augment: the exact relation between input and label for every task."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from pipeline.codec import get_codec, int16_to_pcm16, pcm16_to_int16
-from pipeline.errors import PipelineError
-from trainer.augment import Augment, change_speed
+from pipeline.errors import UserError
 from trainer.data import ShardDataModule
-from trainer.tasks import Task, moving_sums, uniform, uniforms
+from trainer.data.augment import Augment, change_speed
+from trainer.data.draws import uniform, uniforms
+from trainer.data.tasks import Task, moving_sums
 
 L = 4096
 
@@ -114,11 +115,11 @@ def test_same_seeds_same_pair_and_the_seeds_decide(name):
 
 
 def test_unknown_task_and_bad_bits_are_clear_errors():
-    with pytest.raises(PipelineError, match="use one of channel, continuation"):
+    with pytest.raises(UserError, match="use one of channel, continuation"):
         Task("upmix")
-    with pytest.raises(PipelineError, match="bits"):
+    with pytest.raises(UserError, match="bits"):
         Task("bitdepth", bits=(0, 20))
-    with pytest.raises(PipelineError, match="cutoff"):
+    with pytest.raises(UserError, match="cutoff"):
         Task("codec", cutoff=(0.0, 0.5))
 
 
@@ -200,7 +201,7 @@ def test_the_loader_augments_train_only(shard_dir):
         num_workers=0,
         augment={"noise_p": 1.0, "speed_p": 0.5, "speed": [0.9, 1.1]},
     )
-    assert noisy.window == Augment(speed_p=0.5).read_frames(1024)
+    assert noisy.read_frames == Augment(speed_p=0.5).read_frames(1024)
     a = next(iter(noisy.train_stream().batches(0, 0, 0)))
     assert a["inputs"].shape == (4, 1024)
     clean_val = next(iter(plain.val_dataloader()))

@@ -1,4 +1,4 @@
-"""Train-time augmentation of stereo windows, before the task and the codec (design §6).
+"""Train-time augmentation of stereo windows, before the task and the codec (see docs/data.md).
 
 Each augmentation has its own probability; all randomness comes from the window's seed, so a
 run is reproducible and resumable. Works on uint16 windows `[B, 2, N]` (int16 + 32768).
@@ -12,15 +12,15 @@ run is reproducible and resumable. Works on uint16 windows `[B, 2, N]` (int16 + 
   per batch (pitch and tempo together, soxr); the loader reads `read_frames(N)` frames so that
   a speed-up still fills N after cropping.
 
-Cost: the channel task delivers a batch of 8 x 2048 frames in ~40-50 µs. The draws are the
-tasks' hash of the window seeds (another stream than the task's); a batch where nothing fires
-comes back as it is, and an augmentation that fires for no window costs nothing; the noise is
-the tasks' fixed table of standard normals from a random offset (`trainer.tasks.noise`). The
-speed change dominates, and soxr's cost depends on how it is called: tens of µs of set-up per
-channel on signals this short, so all the chosen windows go through one call as one mono
-signal (`change_speed`, ~4x cheaper than the same windows as 2B channels), and a ratio of
-small integers (a factor on the 1/200 grid) resamples 1.5-3x faster than an arbitrary one.
-What is left, ~10 ns a sample, is soxr's own filtering.
+Cost: a batch must stay cheap next to the channel task, which only slices (the numbers:
+docs/benchmarks.md). The draws are the seeded hashes of `trainer.data.draws` (another stream
+than the task's); a batch where nothing fires comes back as it is, and an augmentation that
+fires for no window costs nothing; the noise is the tasks' fixed table of standard normals from
+a random offset (`trainer.data.tasks.noise`). The speed change dominates, and soxr's cost
+depends on how it is called: its set-up per channel outweighs the filtering on signals this
+short, so all the chosen windows go through one call as one mono signal (`change_speed`), and
+a ratio of small integers (a factor on the 1/200 grid) resamples faster than an arbitrary one.
+What is left is soxr's own filtering.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ import numpy as np
 import soxr
 
 from pipeline.codec import int16_to_pcm16, pcm16_to_int16
-from trainer.tasks import noise, noise_level, powers, to_pcm16, uniforms
+from trainer.data.draws import uniforms
+from trainer.data.tasks import noise, noise_level, powers, to_pcm16
+
+__all__ = ["GAP", "SPEED_GRID", "Augment", "change_speed"]
 
 GAP = 128  # silent frames after each row in change_speed: more than soxr's reach (~90 frames)
-SPEED_GRID = 200  # speed factors are multiples of 1/200: soxr is 1.5-3x faster on such ratios
+SPEED_GRID = 200  # speed factors are multiples of 1/200: soxr resamples such ratios faster
 
 
 @dataclass(frozen=True)

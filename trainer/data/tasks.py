@@ -1,4 +1,4 @@
-"""What a window becomes: the task's input and label frames (design §6).
+"""What a window becomes: the task's input and label frames (see docs/data.md).
 
 Runs in the loader's workers on uint16 windows `[B, 2, N]` (int16 + 32768), before the codec.
 The channel `c` a single-channel task works on is the direction's source channel (left for l2r).
@@ -10,28 +10,27 @@ The channel `c` a single-channel task works on is the direction's source channel
   at the top k-bit level: 2**k levels exactly), label = c.
 - `codec`: input = c after a cheap stand-in for a lossy codec: a low-pass whose -3 dB point is a
   random fraction of Nyquist in `cutoff`, then an 8-bit mu-law round trip, label = c. A real MP3
-  or Vorbis round trip through libsndfile costs milliseconds per window, which would make this
-  task ~100x slower than the others; the stand-in keeps the two artefacts that dominate at low
-  bit rates, lost bandwidth and signal-dependent quantization noise. (Real encodes belong at
-  shard time, as an extra member, if they are ever needed.)
+  or Vorbis round trip through libsndfile per window would make this task far slower than the
+  others; the stand-in keeps the two artefacts that dominate at low bit rates, lost bandwidth
+  and signal-dependent quantization noise. (Real encodes belong at shard time, as an extra
+  member, if they are ever needed.)
 
-Cost: the channel task only slices, and the loader delivers its batch of 8 x 2048 frames in
-~40-50 µs, so a degradation must cost a few tens of µs per batch. At this size a numpy call
-costs ~1 µs whatever it does and a pass over the batch 1-3 µs, so each task makes few of both:
+Cost: the channel task only slices, so a degradation must cost no more than a few numpy calls
+and passes over the batch to keep the loader's rate (the numbers: docs/benchmarks.md):
 
-- draws are a small hash of each window's own seed (`uniforms`, or `draws` in plain Python for
-  the one or two a task needs per window): reproducible, resumable, a few µs a batch where
-  seeding a numpy Generator cost ~30 µs; per-window numbers (SNR, bits) are Python floats;
+- draws are the seeded hashes of `trainer.data.draws` (a few per window; per-window numbers
+  such as SNR and bits are Python floats): reproducible, resumable, far cheaper than seeding a
+  numpy Generator per window;
 - denoise adds consecutive stretches of one fixed table of 2**20 standard normals (generated
-  once from a fixed seed) from a random offset per batch, a view: fresh normals cost ~100 µs a
-  batch;
+  once from a fixed seed) from a random offset per batch, a view: fresh normals per batch would
+  cost more than the rest of the task;
 - bitdepth is three integer operations on the uint16 samples, no float;
 - codec draws one cutoff per batch (one per window would need a Python loop over the rows)
   and low-passes with a centered moving average of odd width 2m + 1, the width whose -3 dB
   point (~0.886 / width of Nyquist) is nearest the cutoff (m = 0 keeps the whole band): a crude
   low-pass (sidelobes 13 dB down) that costs a few integer additions over the batch as one
-  flat signal; the mu-law round trip is one lookup in a 65536-entry table. (The FFT brick-wall
-  low-pass it replaces cost ~10x as much.)
+  flat signal, far cheaper than the FFT brick-wall low-pass it replaced; the mu-law round trip
+  is one lookup in a 65536-entry table.
 """
 
 from __future__ import annotations
@@ -43,7 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.codec import get_codec
-from pipeline.errors import PipelineError
+from trainer.data.batch import DataError
+from trainer.data.draws import draws, uniform
+
+__all__ = ["TASKS", "Task", "moving_sums", "noise", "noise_level", "powers", "to_pcm16"]
 
 TASKS = ("channel", "continuation", "denoise", "bitdepth", "codec")
 NOISE_TABLE = 1 << 20  # standard normals shared by every window (4 MiB of float32)
@@ -60,11 +62,11 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
-            raise PipelineError(f"task {self.name!r}: use one of {', '.join(TASKS)}")
+            raise DataError(f"task {self.name!r}: use one of {', '.join(TASKS)}")
         if not 1 <= self.bits[0] <= self.bits[1] <= 16:
-            raise PipelineError(f"bits {self.bits}: need 1 <= low <= high <= 16")
+            raise DataError(f"bits {self.bits}: need 1 <= low <= high <= 16")
         if not 0.001 <= self.cutoff[0] <= self.cutoff[1] <= 1:
-            raise PipelineError(f"cutoff {self.cutoff}: need 0.001 <= low <= high <= 1")
+            raise DataError(f"cutoff {self.cutoff}: need 0.001 <= low <= high <= 1")
 
     @property
     def split_at(self) -> int | None:
@@ -93,7 +95,7 @@ class Task:
         if self.name == "continuation":
             return source[:, : self.seq_len], source[:, self.seq_len :]
         if seeds is None:
-            raise PipelineError(f"task {self.name!r} needs a seed per window")
+            raise DataError(f"task {self.name!r} needs a seed per window")
         seeds = np.asarray(seeds).tolist()
         if self.name == "denoise":
             return self._denoise(source, seeds), source
@@ -150,50 +152,6 @@ def moving_sums(x: np.ndarray, width: int) -> np.ndarray:
             return total
         power = power[:-span] + power[span:]
         span *= 2
-
-
-_MASK, _GAMMA = (1 << 64) - 1, 0x9E3779B97F4A7C15
-_ONE, _S11, _S32, _NP_GAMMA = np.uint64(1), np.uint64(11), np.uint64(32), np.uint64(_GAMMA)
-
-
-def uniforms(seeds: np.ndarray | list[int], count: int, stream: int = 0) -> np.ndarray:
-    """`[B]` seeds -> `[B, count]` floats in [0, 1), a hash of (seed, stream, draw): the seed's
-    Weyl step (seed + 1) * gamma, xor-shifted, times an odd multiplier per stream and draw; the
-    top 53 bits. One mixing round, so that sequential seeds (evaluation's) come out
-    uncorrelated; a full splitmix64 per draw would cost twice the numpy calls."""
-    z = (np.asarray(seeds, dtype=np.uint64) + _ONE) * _NP_GAMMA
-    z ^= z >> _S32
-    z = np.multiply.outer(z, _multipliers(stream, count))
-    z >>= _S11
-    return z * 2.0**-53
-
-
-def draws(seeds: list[int], stream: int = 0, draw: int = 0) -> list[float]:
-    """`uniforms(seeds, ...)[:, draw]` in plain Python: for a few draws, cheaper than numpy."""
-    k, out = _multiplier(stream, draw), []
-    for seed in seeds:
-        z = (seed + 1) * _GAMMA & _MASK
-        out.append((((z ^ z >> 32) * k & _MASK) >> 11) * 2.0**-53)
-    return out
-
-
-def uniform(seed: int, stream: int = 0, draw: int = 0) -> float:
-    """`uniforms(...)[b, draw]` for the one seed of window b."""
-    return draws([int(seed)], stream, draw)[0]
-
-
-@functools.cache
-def _multiplier(stream: int, draw: int) -> int:
-    """An odd 64-bit multiplier, fixed once and for all: splitmix64 of (stream, draw)."""
-    z = ((stream << 32 | draw) + 1) * _GAMMA & _MASK
-    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9 & _MASK
-    z = (z ^ z >> 27) * 0x94D049BB133111EB & _MASK
-    return z ^ z >> 31 | 1
-
-
-@functools.cache
-def _multipliers(stream: int, count: int) -> np.ndarray:
-    return np.array([_multiplier(stream, k) for k in range(count)], dtype=np.uint64)
 
 
 def noise(draw: float, rows: int, frames: int) -> np.ndarray:

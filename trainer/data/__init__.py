@@ -1,0 +1,16 @@
+"""The trainer's data: shard streams, tasks, augmentation, and the original random-access path.
+
+Configs name the DataModules here (`class_path: trainer.data.ShardDataModule`); everything else
+lives in the module of its job (see docs/data.md):
+
+- batch: the batch format (`Batch`, `IGNORE`, directions) and `DataError`;
+- shards: reading chunks out of tar shards; windows: the one covering rule;
+- train_stream, eval_stream: the two streams; datamodule: `ShardDataModule` and its loader;
+- tasks, augment, draws: what a window becomes, and the seeded draws behind it;
+- seed_style: the original trainer's random-access dataset and DataModule.
+"""
+
+from trainer.data.datamodule import ShardDataModule
+from trainer.data.seed_style import SeedStereoDataModule
+
+__all__ = ["SeedStereoDataModule", "ShardDataModule"]

@@ -1,0 +1,230 @@
+"""The Lightning DataModule over a shard set, and the loader that tokenizes what workers send.
+
+See docs/data.md for the streams and docs/training.md for the options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.codec import get_codec
+from pipeline.records import Manifest
+from trainer.data.augment import Augment
+from trainer.data.batch import Batch, DataError, RawBatch, parse_direction, tokenize
+from trainer.data.eval_stream import EvalStream
+from trainer.data.shards import ShardSplit, shard_url
+from trainer.data.tasks import Task
+from trainer.data.train_stream import TrainStream
+
+__all__ = ["ShardDataModule", "ShardLoader"]
+
+
+def _keep(raw: RawBatch | list[RawBatch]) -> RawBatch | list[RawBatch]:
+    return raw
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a shard stream that applies the codec to what the workers send.
+
+    For the train stream, `where` tells it before every pass which epoch it is and which batch
+    of the epoch comes next (the trainer's progress), so a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        dataset: TrainStream | EvalStream,
+        codec: str,
+        where: Callable[[], tuple[int, int]] | None = None,
+        pin_memory: bool = False,
+        **kw,
+    ) -> None:
+        super().__init__(dataset, batch_size=None, collate_fn=_keep, **kw)
+        self.codec, self._where, self._pin = get_codec(codec), where, pin_memory
+
+    def state_dict(self) -> dict:
+        """Where the stream stands is the trainer's own progress (epoch, batches done), which
+        the checkpoint already holds; `__iter__` reads it, so nothing else needs saving."""
+        return {"position": [int(v) for v in self.dataset.position]} if self._where else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: see `state_dict`."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._where is not None:
+            epoch, start = self._where()
+            self.dataset.position[0], self.dataset.position[1] = epoch, start
+        for item in super().__iter__():
+            for raw in item if isinstance(item, list) else [item]:  # train streams send packs
+                batch = tokenize(raw, self.codec)
+                if self._pin and torch.cuda.is_available():
+                    batch = {
+                        k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()
+                    }
+                yield batch
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Batches `input_ids [B, L]`, `labels [B, L]`, `direction [B]` from a shard set.
+
+    Args:
+        manifest: manifest.json of a shard set, or its folder.
+        url_prefix: where the shards are (default: the manifest's folder); any URL webdataset
+            opens, e.g. `pipe:aws s3 cp s3://bucket/set` (shard paths are appended).
+        seq_len: input frames per window (window and target together at most the shards' chunk).
+        task: `channel` (one channel from the other, the original) or `continuation` (the next
+            `target_len` frames of a channel from its previous `seq_len`).
+        target_len: label frames of `continuation` (default: seq_len).
+        windows_per_chunk: train windows cut from each chunk (default: all it holds).
+        shuffle_buffer: windows permuted together (a shuffle group of chunks).
+        batches_per_epoch: train batches per epoch and rank (default: the train windows of the
+            manifest divided by batch_size x ranks).
+    """
+
+    def __init__(
+        self,
+        manifest: str,
+        url_prefix: str | None = None,
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        codec: str = "pcm16",
+        direction: str = "random",
+        windows_per_chunk: int | None = None,
+        shuffle_buffer: int = 1024,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        return_meta: bool = False,
+        task: str = "channel",
+        target_len: int | None = None,
+        snr_db: tuple[float, float] = (0.0, 30.0),
+        bits: tuple[int, int] = (4, 12),
+        cutoff: tuple[float, float] = (0.1, 0.5),
+        augment: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = Task(task, seq_len, target_len, tuple(snr_db), tuple(bits), tuple(cutoff))
+        try:
+            self.augment = Augment(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in (augment or {}).items()}
+            )
+        except TypeError as exc:
+            raise DataError(f"augment {augment}: {exc}; see trainer/data/augment.py") from None
+        # the task's window, and more when a speed-up must still fill it
+        self.read_frames = self.augment.read_frames(self.task.window)
+        path = Path(manifest)
+        self.manifest = Manifest.load(path)
+        self.folder = path if path.is_dir() else path.parent
+        self.url_prefix = url_prefix or str(self.folder)
+        self.direction = parse_direction(direction)
+        get_codec(codec)
+        chunk = self.manifest.config.chunk_frames
+        if self.read_frames > chunk:
+            raise DataError(
+                f"seq_len {seq_len}{' + target_len' if self.task.split_at else ''} is larger than "
+                f"the shards' chunk ({chunk} frames, {self.folder}); lower it or re-shard with "
+                f"--chunk-frames {self.read_frames}"
+            )
+        if windows_per_chunk is not None and not 0 < windows_per_chunk * self.read_frames <= chunk:
+            raise DataError(
+                f"windows_per_chunk {windows_per_chunk} x {self.read_frames} frames must fit in a "
+                f"chunk of {chunk} frames"
+            )
+
+    def _split(self, split: str) -> ShardSplit:
+        shards = [s for s in self.manifest.shards.get(split, []) if s.samples]
+        if not shards:
+            raise DataError(
+                f"{self.folder}: no {split} shards; re-shard with a non-zero --{split} fraction"
+                + (" or set trainer.limit_val_batches=0" if split == "val" else "")
+            )
+        return ShardSplit(
+            [shard_url(self.url_prefix, s) for s in shards],
+            [s.samples for s in shards],
+            self.manifest.config.chunk_frames,
+        )
+
+    def _loader_kw(self) -> dict:
+        workers = self.hparams.num_workers
+        return dict(
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainStream:
+        split = self._split("train")
+        hp = self.hparams
+        if rank is None:
+            rank, world_size = _world()
+        per_chunk = hp.windows_per_chunk or self.manifest.config.chunk_frames // self.read_frames
+        batches = hp.batches_per_epoch or max(
+            1, sum(split.samples) * per_chunk // (hp.batch_size * world_size)
+        )
+        return TrainStream(
+            split,
+            self.read_frames,
+            hp.batch_size,
+            self.direction,
+            hp.windows_per_chunk,
+            hp.shuffle_buffer,
+            hp.seed,
+            batches,
+            rank,
+            world_size,
+            hp.return_meta,
+            task=self.task,
+            augment=self.augment,
+        )
+
+    def _where(self) -> tuple[int, int]:
+        """(epoch, batches of it already done): from the trainer, so a resume continues."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return trainer.current_epoch, done
+
+    def train_dataloader(self) -> DataLoader:
+        return ShardLoader(
+            self.train_stream(), self.hparams.codec, self._where, **self._loader_kw()
+        )
+
+    def eval_stream(
+        self, split: str, rank: int | None = None, world_size: int | None = None
+    ) -> EvalStream:
+        shards = self._split(split)
+        hp = self.hparams
+        if rank is None:
+            rank, world_size = _world()
+        return EvalStream(
+            shards,
+            self.task.window,  # evaluation never augments
+            hp.eval_batch_size or hp.batch_size,
+            self.direction,
+            rank,
+            world_size,
+            hp.num_workers,
+            hp.return_meta,
+            task=self.task,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return ShardLoader(self.eval_stream("val"), self.hparams.codec, **self._loader_kw())
+
+    def test_dataloader(self) -> DataLoader:
+        return ShardLoader(self.eval_stream("test"), self.hparams.codec, **self._loader_kw())
