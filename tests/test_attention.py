@@ -1,4 +1,4 @@
-"""Block-wise attention (`attn_block`): the same function as sdpa, one block of rows at a time,
+"""Block-wise attention (`attn_tile`): the same function as sdpa, one block of rows at a time,
 with T5's position bias given whole or by offset."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.attention import blockwise_attention
+from trainer.model.attention import tiled_attention
 from trainer.model import ModelError, StereoT5
 
 TINY = dict(
@@ -24,12 +24,12 @@ TINY = dict(
 
 
 class _Module(torch.nn.Module):
-    """What the attention function reads from T5Attention: `is_causal` and `config.attn_block`."""
+    """What the attention function reads from T5Attention: `is_causal` and `config.attn_tile`."""
 
     def __init__(self, is_causal: bool, block: int) -> None:
         super().__init__()
         self.is_causal = is_causal
-        self.config = type("Config", (), {"attn_block": block})()
+        self.config = type("Config", (), {"attn_tile": block})()
 
 
 def _qkv(q_len: int, k_len: int) -> tuple[torch.Tensor, ...]:
@@ -61,7 +61,7 @@ def test_function_equals_sdpa_values_and_gradients(block: int, mask_kind: str) -
     keep[..., 0] = True  # every row attends somewhere
     mask = {"bool": keep, "float": torch.where(keep, 0.0, -1e9).double()}.get(mask_kind)
     causal = mask_kind == "causal"
-    out, weights = blockwise_attention(
+    out, weights = tiled_attention(
         _Module(causal, block), q, k, v, mask, scaling=0.125, position_bias=bias
     )
     assert weights is None and out.shape == (2, 20, 3, 8)
@@ -81,7 +81,7 @@ def test_bias_by_offset_equals_the_expanded_bias(causal: bool) -> None:
     q, k, v = _qkv(20, 20)
     by_offset = torch.randn(1, 3, 39, dtype=torch.float64, requires_grad=True)
     offsets = torch.arange(20)[None, :] - torch.arange(20)[:, None] + 19  # key j - row i + Lq-1
-    out, _ = blockwise_attention(
+    out, _ = tiled_attention(
         _Module(causal, 7), q, k, v, None, scaling=0.125, position_bias=by_offset
     )
     mask = by_offset[..., offsets]
@@ -93,14 +93,14 @@ def test_bias_by_offset_equals_the_expanded_bias(causal: bool) -> None:
 def test_causal_needs_square_scores() -> None:
     q, k, v = _qkv(4, 6)
     with pytest.raises(ValueError, match="Lq == Lk"):
-        blockwise_attention(_Module(True, 2), q, k, v, None)
+        tiled_attention(_Module(True, 2), q, k, v, None)
 
 
 @pytest.mark.parametrize("align", [False, True])
 def test_model_scores_gradients_and_generation_equal_dense(align: bool) -> None:
     torch.manual_seed(0)
     dense = StereoT5(**TINY, head="coarse_fine", align=align)
-    blocks = StereoT5(**TINY, head="coarse_fine", align=align, attn_block=48)  # 100 = 48+48+4
+    blocks = StereoT5(**TINY, head="coarse_fine", align=align, attn_tile=48)  # 100 = 48+48+4
     blocks.load_state_dict(dense.state_dict())
     inputs = torch.randint(0, 65536, (2, 100))
     labels = torch.randint(0, 65536, (2, 100))
@@ -120,7 +120,7 @@ def test_model_scores_gradients_and_generation_equal_dense(align: bool) -> None:
 def test_patched_model_runs_blockwise() -> None:
     torch.manual_seed(0)
     kw = dict(TINY, max_len=96, patch_size=8, local_d=16, local_layers=1, local_heads=2)
-    dense, blocks = StereoT5(**kw), StereoT5(**kw, attn_block=5)
+    dense, blocks = StereoT5(**kw), StereoT5(**kw, attn_tile=5)
     blocks.load_state_dict(dense.state_dict())
     inputs, labels = torch.randint(0, 65536, (2, 2, 96))
     torch.testing.assert_close(
@@ -129,10 +129,10 @@ def test_patched_model_runs_blockwise() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ModelError, match="attn_block must be >= 0"):
-        StereoT5(**TINY, attn_block=-1)
+    with pytest.raises(ModelError, match="attn_tile must be >= 0"):
+        StereoT5(**TINY, attn_tile=-1)
     with pytest.raises(ModelError, match="no attention dropout"):
-        StereoT5(**TINY, attn_block=64, dropout=0.1)
+        StereoT5(**TINY, attn_tile=64, dropout=0.1)
     q, k, v = _qkv(4, 4)
     with pytest.raises(ValueError, match="no attention dropout"):
-        blockwise_attention(_Module(False, 2), q, k, v, None, dropout=0.1)
+        tiled_attention(_Module(False, 2), q, k, v, None, dropout=0.1)

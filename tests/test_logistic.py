@@ -8,10 +8,11 @@ import pytest
 import torch
 from test_model import fit_one_batch, loader, make_batch, teacher_forced, tiny
 
-from trainer.logistic import LogisticHead
 from trainer.model import ModelError, StereoT5
+from trainer.model.heads import LogisticOptions
+from trainer.model.heads.logistic import LogisticHead
 
-LOGISTIC = dict(codec="pcm16", head="logistic", align=True, lpc_order=4, lpc_taps=2, lpc_block=4)
+LOGISTIC = dict(codec="pcm16", head=LogisticOptions(order=4, taps=2, refit_every=4), align=True)
 
 
 def smooth_batch(batch: int = 3, length: int = 48, seed: int = 0) -> dict:
@@ -151,8 +152,11 @@ def test_logistic_head_save_load_and_bad_combinations(tmp_path):
     for kwargs, match in [
         (dict(residual=True), "residual: false"),
         (dict(patch_size=8, local_d=16, local_layers=1, local_heads=2), "patch_size: 1"),
-        (dict(mixtures=0), "mixtures >= 1"),
-        (dict(lpc_forget=1.5), "forget"),
+        (
+            dict(head={"class_path": "LogisticOptions", "init_args": {"mixtures": 0}}),
+            "mixtures >= 1",
+        ),
+        (dict(head={"class_path": "LogisticOptions", "init_args": {"forget": 1.5}}), "forget"),
     ]:
         with pytest.raises(ModelError, match=match) as e:
             tiny(**{**LOGISTIC, **kwargs})

@@ -11,17 +11,16 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL
 from torch.utils.data import DataLoader
 
-from trainer.model import (
-    ModelError,
-    StereoT5,
-    SumMetrics,
-    lr_factor,
-    summarize,
-)
+from trainer.callbacks import AudioExamples, ExportOnFitEnd
+from trainer.model import ModelError, StereoT5
+from trainer.model.heads import ChunkedOptions, LogisticOptions
+from trainer.model.metrics import SumMetrics, summarize
+from trainer.model.optim import lr_factor
 
 TINY = dict(**TINY_MODEL, max_len=64, warmup_steps=0)
 # a tiny patched model (patch_size 8): the two-level decoder of trainer/patched.py
 PATCH = dict(patch_size=8, local_d=16, local_layers=1, local_heads=2)
+CHUNK16 = {"chunked": ChunkedOptions(chunk=16)}  # head name -> options, where not the defaults
 
 
 def tiny(seed: int = 0, **kwargs) -> StereoT5:
@@ -86,7 +85,7 @@ def test_tiny_model_overfits_one_batch():
 
 def test_chunked_loss_and_gradients_equal_full_on_the_same_weights():
     full = tiny(codec="pcm16", head="full")
-    chunked = tiny(codec="pcm16", head="chunked", head_chunk=16)  # 40 = 16 + 16 + 8
+    chunked = tiny(codec="pcm16", head=ChunkedOptions(chunk=16))  # 40 = 16 + 16 + 8
     chunked.load_state_dict(full.state_dict())
     batch = make_batch(65536)
     a, b = teacher_forced(full, batch), teacher_forced(chunked, batch)
@@ -135,7 +134,7 @@ def test_coarse_fine_is_causal_and_the_high_part_ignores_the_current_sample():
     ("codec", "head"), [("mulaw8", "full"), ("pcm16", "chunked"), ("pcm16", "coarse_fine")]
 )
 def test_pad_token_is_never_an_audio_prediction(codec, head):
-    model = tiny(codec=codec, head=head, head_chunk=16)
+    model = tiny(codec=codec, head=CHUNK16.get(head, head))
     levels = model.levels
     classes = (
         model.head.proj.out_features
@@ -176,8 +175,8 @@ def test_all_padding_batch_gives_finite_metrics_and_zero_count():
     alone, mixed = SumMetrics(), SumMetrics()
     batch = make_batch(256)
     with torch.no_grad():
-        real = model._sums(batch["labels"], teacher_forced(model, batch))
-        empty = model._sums(padding_batch(256)["labels"], scored)
+        real = model.metric_sums(batch["labels"], teacher_forced(model, batch))
+        empty = model.metric_sums(padding_batch(256)["labels"], scored)
     alone.update(real)
     mixed.update(real)
     mixed.update(empty)
@@ -279,8 +278,8 @@ GENERATION_CASES = {
     "patched-mulaw8-full": dict(codec="mulaw8", head="full", **PATCH),
     "patched-coarse_fine-align": dict(codec="pcm16", head="coarse_fine", align=True, **PATCH),
     "patched-residual": dict(codec="pcm16", head="coarse_fine", align=True, residual=True, **PATCH),
-    "logistic-align": dict(codec="pcm16", head="logistic", align=True, lpc_order=4, lpc_block=4),
-    "logistic-mulaw8": dict(codec="mulaw8", head="logistic", lpc_taps=0, mixtures=1),
+    "logistic-align": dict(codec="pcm16", head=LogisticOptions(order=4, refit_every=4), align=True),
+    "logistic-mulaw8": dict(codec="mulaw8", head=LogisticOptions(taps=0, mixtures=1)),
 }
 
 
@@ -330,6 +329,7 @@ def test_fit_logs_exact_epoch_metrics_and_exports(tmp_path):
         accelerator="cpu",
         max_epochs=2,
         logger=CSVLogger(tmp_path),
+        callbacks=[ExportOnFitEnd()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -372,7 +372,7 @@ def test_fit_logs_exact_epoch_metrics_and_exports(tmp_path):
 def test_audio_examples_go_to_wandb_every_n_validation_runs(monkeypatch, tmp_path):
     import pytorch_lightning as pl
 
-    import trainer.model
+    import trainer.callbacks
 
     logged = []
 
@@ -380,13 +380,14 @@ def test_audio_examples_go_to_wandb_every_n_validation_runs(monkeypatch, tmp_pat
         def log_audio(self, key, audios, step=None, **kwargs):
             logged.append((key, [len(a) for a in audios], kwargs["sample_rate"]))
 
-    monkeypatch.setattr(trainer.model, "_wandb_logger", lambda loggers: FakeWandb())
-    model = tiny(codec="mulaw8", log_audio_every=2)
+    monkeypatch.setattr(trainer.callbacks, "wandb_logger", lambda loggers: FakeWandb())
+    model = tiny(codec="mulaw8")
     fit = pl.Trainer(
         accelerator="cpu",
         max_epochs=4,
         logger=False,
         default_root_dir=tmp_path,  # the export at the end of fit goes here
+        callbacks=[AudioExamples(every=2), ExportOnFitEnd()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -402,7 +403,7 @@ def test_audio_examples_go_to_wandb_every_n_validation_runs(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize("head", ["chunked", "coarse_fine"])
 def test_bf16_autocast_gives_finite_scores_close_to_fp32(head):
-    model = tiny(codec="pcm16", head=head, head_chunk=16, align=True)
+    model = tiny(codec="pcm16", head=CHUNK16.get(head, head), align=True)
     batch = make_batch(65536)
     with torch.no_grad():
         fp32 = teacher_forced(model, batch)["nll_sum"]

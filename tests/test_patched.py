@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_model import PATCH, fit_one_batch, make_batch, teacher_forced, tiny
 
-from trainer.model import ModelError, StereoT5, from_residual, to_residual
+from trainer.model import ModelError, StereoT5
+from trainer.model.tokens import from_residual, to_residual
 
 
 def patched(**kwargs) -> StereoT5:

@@ -2,25 +2,28 @@
 
 YAML keys are the constructor arguments of `trainer.model.StereoT5` (`model:`), of a DataModule
 (`data:` with a `class_path`: `trainer.data.ShardDataModule` or `SeedStereoDataModule`) and of
-the Lightning Trainer (`trainer:`). `python -m trainer fit --help` lists them all.
+the Lightning Trainer (`trainer:`). `python -m trainer fit --help` lists them all. Errors, the
+parser's included, reach the user as one `error:` line (`pipeline.errors.run_cli`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from jsonargparse import ArgumentError
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from pipeline.errors import PipelineError
-from trainer.callbacks import ThroughputMonitor
-from trainer.model import ModelError, StereoT5
+from pipeline.errors import UserError, run_cli
+from trainer.callbacks import ExportOnFitEnd, ThroughputMonitor
+from trainer.model import StereoT5
+from trainer.model.weights import read_checkpoint
 
 
 def wandb_mode_default() -> None:
@@ -46,10 +49,21 @@ class RunCheckpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
 
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with every load through ``read_checkpoint`` (weights_only and
+    the allow-list), whatever ``weights_only`` Lightning passes (``fit --ckpt_path`` gives
+    None, which Lightning turns into a full unpickle)."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path)
+
+
 def trainer_defaults() -> dict:
-    """bf16-mixed on a GPU (T5 overflows in fp16), fp32 on CPU; checkpoints last + best."""
+    """bf16-mixed on a GPU (T5 overflows in fp16), fp32 on CPU; checkpoints last + best; the
+    export at the end of fit; checkpoints read safely."""
     return {
         "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+        "plugins": [SafeCheckpointIO()],
         "callbacks": [
             RunCheckpoint(
                 monitor="val/bits_per_sample",
@@ -60,6 +74,7 @@ def trainer_defaults() -> dict:
                 auto_insert_metric_name=False,
             ),
             ThroughputMonitor(),
+            ExportOnFitEnd(),
         ],
     }
 
@@ -102,10 +117,11 @@ class StereoCLI(LightningCLI):
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
 
-def main(args: list[str] | None = None) -> None:
-    wandb_mode_default()
-    # Our IterableDatasets know their per-rank length and split work per worker themselves.
-    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+class ParserError(UserError):
+    """A bad command line or config, as the parser saw it."""
+
+
+def _run(args: list[str] | None) -> None:
     try:
         StereoCLI(
             StereoT5,
@@ -113,13 +129,28 @@ def main(args: list[str] | None = None) -> None:
             subclass_mode_data=True,
             trainer_defaults=trainer_defaults(),
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
             args=args,
         )
-    except Exception as exc:  # a user error may arrive wrapped by jsonargparse
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, PipelineError | ModelError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except ArgumentError as exc:
+        raise ParserError(f"{one_line(str(exc))}; see python -m trainer fit --help") from None
+
+
+_STRUCTURE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class")
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's nested message on one line: the key, then the lines that say what is
+    wrong (a union's "tried these types" scaffolding dropped), whitespace folded."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return message
+    said = [line.lstrip("- ") for line in lines[1:] if not line.startswith(_STRUCTURE)]
+    return " ".join(" ".join([lines[0], *said]).split())
+
+
+def main(args: list[str] | None = None) -> int:
+    wandb_mode_default()
+    # Our IterableDatasets know their per-rank length and split work per worker themselves.
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+    return run_cli(lambda: _run(args))

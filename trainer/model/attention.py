@@ -1,14 +1,14 @@
-"""Block-wise attention for the T5 body: O(L) activation memory instead of O(L^2).
+"""Tiled attention for the T5 body: O(L) activation memory instead of O(L^2).
 
 T5 adds its learned relative position bias to the attention scores. That bias is a float mask
 that needs a gradient, so torch's sdpa runs its math kernel and every attention layer keeps
 [B, H, L, L] scores for backward; at long windows those, not the output head, fill memory.
-Here the query rows are split into blocks of ``config.attn_block``: a layer keeps its q, k, v,
-output and one log-sum-exp per row, and one block's [B, H, block, L] scores exist at a time, in
+Here the query rows are split into tiles of ``config.attn_tile``: a layer keeps its q, k, v,
+output and one log-sum-exp per row, and one tile's [B, H, tile, L] scores exist at a time, in
 forward and in backward (which recomputes them: one more pass of the score products). Results
 and gradients equal sdpa's up to float rounding (``tests/test_attention.py``).
 
-The function is registered with transformers under ``BLOCKWISE``, with sdpa's mask builder,
+The function is registered with transformers under ``TILED``, with sdpa's mask builder,
 so the model's causal and padding masks arrive in the same form sdpa gets them.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-BLOCKWISE = "stereot5_blockwise"
+TILED = "stereot5_tiled"
 
 
 def _rows(mask: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
@@ -39,8 +39,8 @@ def _scores(
     causal_from: int | None,
     scaling: float,
 ) -> torch.Tensor:
-    """Masked scores [.., rows, keys] of one block, in fp32 or wider (a new tensor, updated in
-    place). causal_from set: the block's rows are causal_from.. and its keys end at its last
+    """Masked scores [.., rows, keys] of one tile, in fp32 or wider (a new tensor, updated in
+    place). causal_from set: the tile's rows are causal_from.. and its keys end at its last
     row, so only the square over columns causal_from.. needs the causal mask."""
     exact = torch.promote_types(query.dtype, torch.float32)  # bf16: softmax in fp32
     scores = torch.matmul(query, key.transpose(-1, -2)).to(exact)
@@ -58,48 +58,48 @@ def _scores(
     return scores
 
 
-class _Blockwise(torch.autograd.Function):
-    """softmax(q k^T * scaling + bias + mask) v, one block of query rows at a time.
+class _Tiled(torch.autograd.Function):
+    """softmax(q k^T * scaling + bias + mask) v, one tile of query rows at a time.
 
     Forward keeps q, k, v, the output and each row's log-sum-exp; backward recomputes each
-    block's probabilities from them and writes the gradients of q, k, v and the bias block by
-    block into tensors of their own size (the flash-attention backward, without a kernel).
-    Causal blocks skip the keys after their last row.
+    tile's probabilities from them and writes the gradients of q, k, v and the bias tile by
+    tile into tensors of their own size (the flash-attention backward, without a kernel).
+    Causal tiles skip the keys after their last row.
     """
 
     @staticmethod
-    def _blocks(ctx, rows: int):
-        """(rows slice, keys slice, causal_from) per block."""
-        for start in range(0, rows, ctx.block):
-            stop = min(start + ctx.block, rows)
+    def _tiles(ctx, rows: int):
+        """(rows slice, keys slice, causal_from) per tile."""
+        for start in range(0, rows, ctx.tile):
+            stop = min(start + ctx.tile, rows)
             keys = slice(0, stop) if ctx.causal else slice(None)
             yield slice(start, stop), keys, start if ctx.causal else None
 
     @staticmethod
     def _offsets(query, key, rows, keys) -> torch.Tensor:
-        """Index into an offset bias [.., Lq + Lk - 1] of each (row, key) of a block."""
+        """Index into an offset bias [.., Lq + Lk - 1] of each (row, key) of a tile."""
         cols = torch.arange(key.shape[-2], device=key.device)[keys]
         lines = torch.arange(rows.start, rows.stop, device=key.device)
         return cols[None, :] - lines[:, None] + (query.shape[-2] - 1)
 
     @staticmethod
-    def _block_scores(ctx, query, key, bias, mask, rows, keys, causal_from):
+    def _tile_scores(ctx, query, key, bias, mask, rows, keys, causal_from):
         if bias is not None:
-            if bias.ndim == 3:  # by offset (offset_bias): expanded one block at a time
-                bias = bias[..., _Blockwise._offsets(query, key, rows, keys)]
+            if bias.ndim == 3:  # by offset (offset_bias): expanded one tile at a time
+                bias = bias[..., _Tiled._offsets(query, key, rows, keys)]
             else:
                 bias = _rows(bias, rows.start, rows.stop)[..., keys]
         mask = _rows(mask, rows.start, rows.stop)
         return _scores(query[..., rows, :], key[..., keys, :], bias, mask, causal_from, ctx.scaling)
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, mask, causal: bool, scaling: float, block: int):
-        ctx.causal, ctx.scaling, ctx.block = causal, scaling, block
+    def forward(ctx, query, key, value, bias, mask, causal: bool, scaling: float, tile: int):
+        ctx.causal, ctx.scaling, ctx.tile = causal, scaling, tile
         out = torch.empty_like(query)
         exact = torch.promote_types(query.dtype, torch.float32)
         lse = torch.empty(query.shape[:-1], dtype=exact, device=query.device)
-        for rows, keys, causal_from in _Blockwise._blocks(ctx, query.shape[-2]):
-            probs = _Blockwise._block_scores(ctx, query, key, bias, mask, rows, keys, causal_from)
+        for rows, keys, causal_from in _Tiled._tiles(ctx, query.shape[-2]):
+            probs = _Tiled._tile_scores(ctx, query, key, bias, mask, rows, keys, causal_from)
             row_max = probs.amax(-1, keepdim=True)
             probs.sub_(row_max).exp_()
             total = probs.sum(-1, keepdim=True)
@@ -116,8 +116,8 @@ class _Blockwise(torch.autograd.Function):
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         grad_bias = torch.zeros_like(bias) if bias_grad else None
         delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1, keepdim=True)
-        for rows, keys, causal_from in _Blockwise._blocks(ctx, query.shape[-2]):
-            probs = _Blockwise._block_scores(ctx, query, key, bias, mask, rows, keys, causal_from)
+        for rows, keys, causal_from in _Tiled._tiles(ctx, query.shape[-2]):
+            probs = _Tiled._tile_scores(ctx, query, key, bias, mask, rows, keys, causal_from)
             probs.sub_(lse[..., rows, None]).exp_()
             g = grad_out[..., rows, :]
             grad_v[..., keys, :] += torch.matmul(probs.to(value.dtype).transpose(-1, -2), g)
@@ -125,7 +125,7 @@ class _Blockwise(torch.autograd.Function):
             grad_s.sub_(delta[..., rows, :]).mul_(probs)
             if bias_grad and bias.ndim == 3:
                 heads = grad_s.sum_to_size(*bias.shape[:-1], *grad_s.shape[-2:]).flatten(-2)
-                offsets = _Blockwise._offsets(query, key, rows, keys).flatten()
+                offsets = _Tiled._offsets(query, key, rows, keys).flatten()
                 grad_bias.index_add_(-1, offsets, heads.to(grad_bias.dtype))
             elif bias_grad:
                 rows_grad = _rows(grad_bias, rows.start, rows.stop)[..., keys]
@@ -138,7 +138,7 @@ class _Blockwise(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, None, None, None
 
 
-def blockwise_attention(
+def tiled_attention(
     module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -152,14 +152,14 @@ def blockwise_attention(
     """transformers' attention-function signature: query [B, H, Lq, D], key/value [B, H, Lk, D]
     -> (output [B, Lq, H, D], None). Attention dropout is not supported (a clear error)."""
     if dropout > 0:
-        raise ValueError("block-wise attention has no attention dropout: use dropout 0")
+        raise ValueError("tiled attention has no attention dropout: use dropout 0")
     q_len, k_len = query.shape[-2], key.shape[-2]
     causal = attention_mask is None and getattr(module, "is_causal", False) and q_len > 1
     if causal and q_len != k_len:
-        raise ValueError(f"causal block-wise attention needs Lq == Lk, got {q_len} and {k_len}")
+        raise ValueError(f"causal tiled attention needs Lq == Lk, got {q_len} and {k_len}")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = _Blockwise.apply(
-        query, key, value, position_bias, attention_mask, causal, scaling, module.config.attn_block
+    out = _Tiled.apply(
+        query, key, value, position_bias, attention_mask, causal, scaling, module.config.attn_tile
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -173,7 +173,7 @@ def _offset_bias(
 ) -> torch.Tensor:
     """T5Attention.compute_bias by offset: [1, H, Lq + Lk - 1], entry k holding the bias of
     key j for query row i where j - i = k - (Lq - 1). T5's own [1, H, Lq, Lk] tensor (and its
-    gradient) is O(L^2) per stack; blockwise_attention expands this one block at a time."""
+    gradient) is O(L^2) per stack; tiled_attention expands this one tile at a time."""
     device = device if device is not None else self.relative_attention_bias.weight.device
     seen = int(past_seen_tokens)
     relative = torch.arange(-(seen + query_length - 1), key_length - seen, device=device)
@@ -188,11 +188,11 @@ def _offset_bias(
 
 def use_offset_bias(model: nn.Module) -> None:
     """Make every T5 attention layer that owns the relative position bias build it by offset
-    (only blockwise_attention reads that form: call this with attn_block only)."""
+    (only tiled_attention reads that form: call this with attn_tile only)."""
     for module in model.modules():
         if getattr(module, "has_relative_attention_bias", False):
             module.compute_bias = types.MethodType(_offset_bias, module)
 
 
-AttentionInterface.register(BLOCKWISE, blockwise_attention)
-AttentionMaskInterface.register(BLOCKWISE, sdpa_mask)
+AttentionInterface.register(TILED, tiled_attention)
+AttentionMaskInterface.register(TILED, sdpa_mask)

@@ -7,11 +7,12 @@ This head says it by construction, the way lossless audio coders do:
 - **Predictor** (no parameters; the same arithmetic in training and generation): at sample t, a
   linear prediction ``lpc_t = w_k . phi_t`` from the regressors ``phi_t`` = the ``order`` target
   samples before t and the input samples ``t - taps .. t + taps`` (the input channel is known
-  whole, so two-sided is allowed). ``w_k`` is refitted every ``block`` samples by ridge least
-  squares on the window's samples before block k, older blocks weighted down by ``forget`` per
-  block (a block-wise recursive least squares, backward adaptive: nothing is transmitted, so
-  it is causal), shrunk towards the fixed second-order predictor ``2 x[t-1] - x[t-2]``, which is
-  also what it is with no history (the window's first block).
+  whole, so two-sided is allowed). ``w_k`` is refitted every ``refit_every`` samples (one refit
+  interval) by ridge least squares on the window's samples before interval k, older intervals
+  weighted down by ``forget`` each (a recursive least squares updated once per interval,
+  backward adaptive: nothing is transmitted, so it is causal), shrunk towards the fixed
+  second-order predictor ``2 x[t-1] - x[t-2]``, which is also what it is with no history (the
+  window's first interval).
 - **Loudness**: causal averages of the predictor's past absolute errors at a few time constants
   (unknown past errors count as ``V / 64``), and two-sided loudness of the input channel.
 - **Mixture**: an MLP on those features plus a linear map of the decoder state at t give, per
@@ -35,12 +36,16 @@ The log-probability returned is the model's (temperature 1) likelihood of the ch
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from trainer.data.batch import IGNORE
+from trainer.model.errors import ModelError
+from trainer.model.heads.base import Head, HeadOptions, HeadOutput, Stepper
+
 EMA_DECAYS = (0.5, 0.8, 0.93, 0.98)
 BASE_DECAY = 1  # index into EMA_DECAYS of the error level the scales are relative to
 EMA_LEN = 128  # samples each causal average looks back
@@ -72,7 +77,7 @@ def _shift(x: torch.Tensor, j: int) -> torch.Tensor:
     return out
 
 
-class LogisticHead(nn.Module):
+class LogisticHead(Head):
     """Discretized logistic mixture over V levels whose means follow an adaptive predictor.
 
     Args:
@@ -81,9 +86,16 @@ class LogisticHead(nn.Module):
         mixtures: components of the mixture.
         order: past target samples the predictor uses.
         taps: input samples on each side of t the predictor uses (0: input sample t only).
-        block: samples per refit of the predictor.
-        forget: weight per block of older blocks in the refit (1: all of the window alike).
+        refit_every: samples per refit of the predictor (one refit interval).
+        forget: weight per interval of older intervals in the refit (1: all of the window alike).
     """
+
+    patch_refusal = "head logistic predicts one sample per decoder position: set patch_size: 1"
+    residual_refusal = (
+        "head logistic models the levels themselves (its predictor is the residual coder): set "
+        "residual: false"
+    )
+    extra_names = ("untrained",)
 
     def __init__(
         self,
@@ -92,18 +104,16 @@ class LogisticHead(nn.Module):
         mixtures: int = 4,
         order: int = 16,
         taps: int = 16,
-        block: int = 16,
+        refit_every: int = 16,
         forget: float = 0.8,
     ) -> None:
         super().__init__()
-        if levels < 2 or mixtures < 1 or order < 2 or taps < 0 or block < 1:
-            raise ValueError(
-                "logistic head: levels >= 2, mixtures >= 1, order >= 2, taps >= 0, block >= 1"
-            )
-        if not 0.0 < forget <= 1.0:
-            raise ValueError(f"logistic head: forget must be in (0, 1], got {forget}")
+        if levels < 2:
+            raise ModelError(f"head logistic needs >= 2 levels, got {levels}")
+        check_options(mixtures, order, taps, refit_every, forget)
         self.levels, self.mid = levels, levels // 2
-        self.mixtures, self.order, self.taps, self.block = mixtures, order, taps, block
+        self.mixtures, self.order, self.taps = mixtures, order, taps
+        self.refit_every = refit_every
         self.forget = forget
         self.unknown_error = levels / 64.0
         fixed = torch.zeros(order + 2 * taps + 1, dtype=torch.float64)
@@ -154,20 +164,20 @@ class LogisticHead(nn.Module):
         near[:, t + self.taps - hi + 1 : t + self.taps - lo + 1] = u[:, lo:hi].flip(-1)
         return torch.cat([past, near], -1)
 
-    def block_stats(self, phi: torch.Tensor, x: torch.Tensor, known: torch.Tensor):
-        """Per-block sums phi phi^T and phi x over known target samples: [B, nb, D, D], [B, nb, D]
-        (the last block may be partial)."""
+    def interval_stats(self, phi: torch.Tensor, x: torch.Tensor, known: torch.Tensor):
+        """Per-interval sums phi phi^T and phi x over known target samples: [B, n, D, D],
+        [B, n, D] (the last interval may be partial)."""
         batch, length, dims = phi.shape
-        nb = -(-length // self.block)
-        pad = nb * self.block - length
+        nb = -(-length // self.refit_every)
+        pad = nb * self.refit_every - length
         weight = known.double()
         if pad:
             phi = F.pad(phi, (0, 0, 0, pad))
             x, weight = F.pad(x, (0, pad)), F.pad(weight, (0, pad))
-        phi = phi.view(batch, nb, self.block, dims)
-        wphi = phi * weight.view(batch, nb, self.block, 1)
+        phi = phi.view(batch, nb, self.refit_every, dims)
+        wphi = phi * weight.view(batch, nb, self.refit_every, 1)
         cov = wphi.transpose(-1, -2) @ phi
-        cross = (wphi * x.view(batch, nb, self.block, 1)).sum(2)
+        cross = (wphi * x.view(batch, nb, self.refit_every, 1)).sum(2)
         return cov, cross
 
     def solve(self, cov: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -180,8 +190,8 @@ class LogisticHead(nn.Module):
         return torch.linalg.solve(cov + reg[..., None] * eye, rhs.unsqueeze(-1)).squeeze(-1)
 
     def coefficients(self, cov: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-        """Block statistics [B, nb, ...] -> predictor of each block [B, nb, D] from blocks
-        before it (older ones weighted forget^age)."""
+        """Interval statistics [B, n, ...] -> predictor of each interval [B, n, D] from the
+        intervals before it (older ones weighted forget^age)."""
         acc_cov, acc_cross = torch.zeros_like(cov[:, 0]), torch.zeros_like(cross[:, 0])
         covs, crosses = [], []
         for k in range(cov.shape[1]):
@@ -280,18 +290,19 @@ class LogisticHead(nn.Module):
         x, known = self.values(targets)
         u, u_known = self.values(inputs)
         phi = self.regressors(x, u)
-        coef = self.coefficients(*self.block_stats(phi, x, known))  # [B, nb, D]
-        coef = coef.repeat_interleave(self.block, 1)[:, : x.shape[1]]
+        coef = self.coefficients(*self.interval_stats(phi, x, known))  # [B, n, D]
+        coef = coef.repeat_interleave(self.refit_every, 1)[:, : x.shape[1]]
         lpc = (phi * coef).sum(-1)
         feats = torch.cat(
             [self.input_features(u, u_known), self.error_features(x - lpc, known)], -1
         )
         return lpc, feats
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor):
-        """hidden [B, L, d], targets [B, L] (-100 ignored), inputs [B, L] (V = pad) ->
-        (nll [B, L] nats, 0 where ignored; mode [B, L]; untrained [B, L]: the NLL this head
-        gives at step 0, whatever its weights: the adaptive predictor alone, no gradient)."""
+    def forward(
+        self, hidden: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor, state: Any = None
+    ) -> HeadOutput:
+        """The mixture's NLL and mode, and in ``extras["untrained"]`` the NLL this head gives
+        at step 0, whatever its weights: the adaptive predictor alone, no gradient."""
         keep = targets != IGNORE
         y, _ = self.values(targets)
         with torch.no_grad():
@@ -302,13 +313,15 @@ class LogisticHead(nn.Module):
         nll = -self.log_prob(logits, means, scales, y)
         nll = torch.where(keep, nll, 0.0).float()
         untrained = torch.where(keep, untrained, 0.0).float()
-        return nll, self.mode(logits.detach(), means.detach()), untrained
+        mode = self.mode(logits.detach(), means.detach())
+        return HeadOutput(nll, mode, {"untrained": untrained})
 
     # ------------------------------------------------------------------ generation
 
-    def stepper(self, inputs: torch.Tensor, temperature: float, generator=None):
-        """Generation: a function hidden [B, d] -> (token [B], log-prob [B]) to call once per
-        position 0, 1, ... of ``inputs`` [B, L]; it keeps the tokens chosen so far."""
+    def stepper(self, inputs, temperature, generator=None, state=None) -> Stepper:
+        """Generation: greedy is the mixture's mode; sampling picks a component from
+        softmax(logits / T), then a logistic of T times its scale. The stepper keeps the tokens
+        chosen so far and refits the predictor on them as ``forward`` does."""
         batch, length = inputs.shape
         u, u_known = self.values(inputs)
         in_feats = self.input_features(u, u_known)
@@ -326,14 +339,14 @@ class LogisticHead(nn.Module):
 
         def step(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             t = state["t"]
-            if t % self.block == 0:
-                if t:  # add the block just finished, as coefficients() does
-                    lo = t - self.block
+            if t % self.refit_every == 0:
+                if t:  # add the interval just finished, as coefficients() does
+                    lo = t - self.refit_every
                     # the regressors of lo..t-1 reach back order (x) and taps (u) samples only
                     first = max(0, lo - max(self.order, self.taps))
                     span = slice(first, t + self.taps)
                     phi = self.regressors(x[:, span], u[:, span])[:, lo - first : t - first]
-                    cov, cross = self.block_stats(phi, x[:, lo:t], known[:, lo:t])
+                    cov, cross = self.interval_stats(phi, x[:, lo:t], known[:, lo:t])
                     state["cov"] = self.forget * state["cov"] + cov[:, 0]
                     state["cross"] = self.forget * state["cross"] + cross[:, 0]
                 state["coef"] = self.solve(state["cov"], state["cross"])
@@ -361,3 +374,43 @@ class LogisticHead(nn.Module):
             return token, log_prob
 
         return step
+
+
+def check_options(mixtures: int, order: int, taps: int, refit_every: int, forget: float) -> None:
+    if mixtures < 1 or order < 2 or taps < 0 or refit_every < 1:
+        raise ModelError(
+            "head logistic: mixtures >= 1, order >= 2, taps >= 0, refit_every >= 1; got "
+            f"{mixtures}, {order}, {taps}, {refit_every}"
+        )
+    if not 0.0 < forget <= 1.0:
+        raise ModelError(f"head logistic: forget must be in (0, 1], got {forget}")
+
+
+class LogisticOptions(HeadOptions):
+    """``head: logistic``: the discretized logistic mixture around the adaptive predictor.
+
+    Args:
+        mixtures: components of the mixture.
+        order: past target samples the predictor uses.
+        taps: input samples on each side of t the predictor uses.
+        refit_every: samples per refit of the predictor (the refit interval).
+        forget: weight per interval of older intervals in the refit.
+    """
+
+    name = "logistic"
+    module = LogisticHead
+
+    def __init__(
+        self,
+        mixtures: int = 4,
+        order: int = 16,
+        taps: int = 16,
+        refit_every: int = 16,
+        forget: float = 0.8,
+    ) -> None:
+        check_options(mixtures, order, taps, refit_every, forget)
+        self.mixtures, self.order, self.taps = mixtures, order, taps
+        self.refit_every, self.forget = refit_every, forget
+
+    def build(self, width: int, levels: int) -> Head:
+        return LogisticHead(width, levels, **self.init_args())

@@ -23,9 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainer.embeddings import ValueEmbedding
-
-IGNORE = -100
+from trainer.data.batch import IGNORE
+from trainer.model.embeddings import ValueEmbedding
 
 
 class TwoLevel(nn.Module):

@@ -1,0 +1,441 @@
+"""StereoT5: the T5 LightningModule that predicts one channel's tokens from the other's.
+
+Token layout: codec levels ``0..V-1`` are audio, ``V`` is pad and decoder start (never an audio
+value, never predicted), ``IGNORE`` (-100) marks label positions that are not scored. The body is
+``transformers.T5Model`` without its LM head (``T5ForConditionalGeneration`` always builds
+[B, L, V + 1] float logits); a head from ``trainer.model.heads`` turns the decoder states into a
+distribution over the V levels and returns the per-position NLL, which is the loss. See
+docs/architecture.md and docs/training.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from transformers import T5Config, T5Model
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from pipeline.codec import Codec, get_codec
+from trainer.data.batch import IGNORE, Batch
+from trainer.model import weights
+from trainer.model.attention import TILED, use_offset_bias
+from trainer.model.embeddings import ValueEmbedding
+from trainer.model.errors import ModelError
+from trainer.model.heads import HeadOptions, resolve_head
+from trainer.model.lora import base_body, wrap_lora
+from trainer.model.metrics import LN2, SumMetrics, energy_sums
+from trainer.model.optim import lr_factor, param_groups, total_steps
+from trainer.model.patched import TwoLevel
+from trainer.model.tokens import cumulative_levels, from_residual, shift_right, to_residual
+
+
+class Scored(TypedDict):
+    """A teacher-forced pass: sums over the scored positions and per-position results."""
+
+    nll_sum: torch.Tensor  # nats over target positions: the loss is nll_sum / count
+    count: torch.Tensor  # labels != IGNORE
+    correct: torch.Tensor  # prediction == label
+    pred: torch.Tensor  # [B, L] the head's point prediction, 0..V-1 everywhere
+    nll: torch.Tensor  # [B, L] nats, 0 where ignored
+    untrained_nll_sum: torch.Tensor | None  # the same head at step 0, when it has that baseline
+
+
+class StereoT5(pl.LightningModule):
+    """T5 that predicts the target channel's tokens from the input channel's, time-aligned.
+
+    Batches (``trainer.data.batch.Batch``): ``input_ids`` [B, L] (pad V), ``labels`` [B, L]
+    (ignored -100), ``direction`` [B] (not used by the model).
+
+    Args (docs/training.md has each in full):
+        codec: codec spec (``pipeline.codec.get_codec``); fixes V = levels.
+        d_model, d_ff, num_layers, num_decoder_layers, num_heads, d_kv, dropout,
+        relative_attention_num_buckets, feed_forward_proj: the ``T5Config`` fields.
+        max_len: the training window; T5's ``relative_attention_max_distance``.
+        head: a head name (``auto``, ``full``, ``chunked``, ``coarse_fine``, ``logistic``) or
+            its options (``trainer.model.heads.*Options``: a ``class_path`` with
+            ``init_args`` in a config).
+        align: add a learned embedding of input token t to decoder input t.
+        value_embed: add the level as a number to each token embedding.
+        residual: model each sample as its difference from the one before (exact).
+        patch_size, local_d, local_layers, local_heads: P >= 2 puts P samples at one body
+            position, with a local model per patch (``trainer.model.patched``).
+        checkpoint_body: recompute every T5 block in backward (less memory, more compute).
+        attn_tile: 0: sdpa; N > 0: tiled attention over N query rows at a time.
+        lr, weight_decay, warmup_steps, max_steps: AdamW, warmup, cosine to 10 % of lr.
+        compile: ``torch.compile`` the body's forward.
+        lora: ``{"r", "alpha", "dropout"}``: train LoRA adapters on the ``init_from`` body.
+        init_from: a Lightning ``.ckpt`` or an export folder to start from.
+    """
+
+    def __init__(
+        self,
+        codec: str = "pcm16",
+        d_model: int = 256,
+        d_ff: int = 1024,
+        num_layers: int = 2,
+        num_decoder_layers: int = 2,
+        num_heads: int = 4,
+        d_kv: int = 64,
+        dropout: float = 0.0,
+        feed_forward_proj: str = "gated-gelu",
+        relative_attention_num_buckets: int = 32,
+        max_len: int = 2048,
+        head: str | HeadOptions = "auto",
+        align: bool = False,
+        value_embed: bool = True,
+        residual: bool = False,
+        checkpoint_body: bool = False,
+        attn_tile: int = 0,
+        patch_size: int = 1,
+        local_d: int = 128,
+        local_layers: int = 2,
+        local_heads: int = 4,
+        lr: float = 3e-4,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        max_steps: int | None = None,
+        compile: bool = False,
+        lora: dict[str, Any] | None = None,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.codec: Codec = get_codec(codec)
+        levels = self.levels = self.codec.levels
+        self.head_options = resolve_head(head, levels)
+        head = self.head_options.to_dict()  # hyperparameters hold plain values only
+        self.save_hyperparameters()
+        self.head_kind = self.head_options.name
+        self.pad_id = levels  # also the decoder start token
+        self._check_settings(dropout, attn_tile, max_len, patch_size, residual)
+        self.patch_size, self.residual = patch_size, residual
+        patched = patch_size > 1
+
+        self.config = T5Config(
+            vocab_size=1 if patched else levels + 1,  # patched: samples embed in self.patch
+            d_model=d_model,
+            d_ff=d_ff,
+            num_layers=num_layers,
+            num_decoder_layers=num_decoder_layers,
+            num_heads=num_heads,
+            d_kv=d_kv,
+            dropout_rate=dropout,
+            feed_forward_proj=feed_forward_proj,
+            relative_attention_num_buckets=relative_attention_num_buckets,
+            relative_attention_max_distance=max_len // patch_size,
+            pad_token_id=0 if patched else self.pad_id,  # patched: inputs come as embeddings
+            decoder_start_token_id=0 if patched else self.pad_id,
+            eos_token_id=None,
+            tie_word_embeddings=False,
+            use_cache=False,
+            attn_implementation=TILED if attn_tile else "sdpa",
+            attn_tile=attn_tile,
+        )
+        if self.config.dense_act_fn == "gelu_new":
+            # the same tanh-GELU (equal to 1e-15) in one fused op: autograd keeps its input only,
+            # where gelu_new's five elementwise steps keep five [B, L, d_ff] tensors per layer
+            self.config.dense_act_fn = "gelu_pytorch_tanh"
+        self.t5: nn.Module = T5Model(self.config)
+        if attn_tile:
+            use_offset_bias(self.t5)
+        if checkpoint_body:
+            self.t5.gradient_checkpointing_enable({"use_reentrant": False})
+        self.patch = None
+        if patched:
+            local = (local_d, local_layers, local_heads, dropout)
+            self.patch = TwoLevel(levels, patch_size, d_model, *local, value_embed, align)
+            self.t5.shared.requires_grad_(False)  # a 1-row placeholder: never used
+        self.head = self.head_options.build(local_d if patched else d_model, levels)
+        self.value_embed = ValueEmbedding(levels, d_model) if value_embed and not patched else None
+        self.align_embed = nn.Embedding(levels + 1, d_model) if align and not patched else None
+        if self.align_embed is not None:
+            nn.init.normal_(self.align_embed.weight, std=1.0)  # the scale T5 gives `shared`
+
+        # token -> int16 sample value, for SNR without per-batch range checks (host syncs)
+        table = torch.as_tensor(self.codec.decode_table().astype("int64")) - 32768
+        self.register_buffer("int16_of_token", table, persistent=False)
+        self.val_sums = SumMetrics(self.head.extra_names)
+        self.test_sums = SumMetrics(self.head.extra_names)
+        self._hidden_fn: Callable[..., torch.Tensor] = self.hidden
+        self._checked = False
+
+        if init_from:
+            weights.load_weights(self, init_from)
+        if lora:
+            # Adaptation lives in the adapters only (heads and align embedding frozen), so the
+            # merged export is the base model plus low-rank updates.
+            for param in self.parameters():
+                param.requires_grad_(False)
+            self.t5 = wrap_lora(self.t5, lora)
+
+    def _check_settings(
+        self, dropout: float, attn_tile: int, max_len: int, patch_size: int, residual: bool
+    ) -> None:
+        if attn_tile < 0:
+            raise ModelError(f"attn_tile must be >= 0 (0: dense attention), got {attn_tile}")
+        if attn_tile and dropout > 0:
+            raise ModelError("attn_tile has no attention dropout: use dropout 0 or attn_tile 0")
+        if patch_size < 1 or max_len % patch_size:
+            raise ModelError(
+                f"seq_len (max_len) {max_len} is not a multiple of patch_size {patch_size}: "
+                f"use a seq_len divisible by {patch_size}"
+            )
+        head = type(self.head_options).module
+        if residual and head.residual_refusal:
+            raise ModelError(head.residual_refusal)
+        if patch_size > 1 and head.patch_refusal:
+            raise ModelError(f"{head.patch_refusal} (got {patch_size})")
+
+    # ---------------------------------------------------------------- body and scoring
+
+    @property
+    def body(self) -> T5Model:
+        """The T5Model (under LoRA: the base model with adapters injected)."""
+        return base_body(self.t5)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embedding (T5's `shared`) plus, with value_embed, the level as a number."""
+        emb = self.body.shared(tokens)
+        if self.value_embed is not None:
+            emb = emb + self.value_embed(tokens).to(emb.dtype)
+        return emb
+
+    def hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced decoder states [B, L, d] (patched: the local model's [B, L, local_d]):
+        position t has seen labels < t and, with align, input token t (patched: input patch
+        k of its sample)."""
+        body = self.body
+        if self.patch is not None:
+            self._check_window(labels.shape[1])
+            enc_in, dec_in = self.patch.global_inputs(input_ids, labels, self.pad_id)
+            enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
+            out = body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
+            return self.patch.local_hidden(out, labels, self.pad_id)
+        enc = body.encoder(inputs_embeds=self.embed(input_ids)).last_hidden_state
+        dec_in = self.embed(shift_right(labels, self.pad_id))
+        if self.align_embed is not None:
+            dec_in = dec_in + self.align_embed(input_ids)
+        return body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._hidden_fn(input_ids, labels)
+
+    def score(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Scored:
+        """Teacher-forced scoring of one batch of windows: the head's NLL is the loss."""
+        inputs, targets = input_ids, labels
+        if self.residual:
+            inputs, targets = to_residual(input_ids, self.levels), to_residual(labels, self.levels)
+        out = self.head(self(inputs, targets), targets, inputs)
+        pred = out.prediction
+        if self.residual:
+            pred = from_residual(pred, shift_right(labels, IGNORE), self.levels)
+        keep = labels != IGNORE
+        untrained = out.extras.get("untrained")
+        return Scored(
+            nll_sum=out.nll.sum(),
+            count=keep.sum(),
+            correct=(keep & (pred == labels)).sum(),
+            pred=pred,
+            nll=out.nll,
+            untrained_nll_sum=None if untrained is None else untrained.sum(),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the target autoregressively with the decoder KV cache, batched.
+
+        Args:
+            input_ids: [B, L] input-channel tokens (0..V, V = pad).
+            temperature: 0 = the head's greedy choice; > 0 samples (the head's ``stepper``
+                says how).
+            generator: torch RNG for sampling.
+
+        Returns:
+            tokens [B, L] (0..V-1) and log_probs [B, L] float32: the model's (temperature 1)
+            natural-log probability of each chosen token given the tokens before it.
+        """
+        self._check_tokens(input_ids, None)
+        if self.residual:
+            input_ids = to_residual(input_ids, self.levels)
+        was_training = self.training
+        self.eval()
+        try:
+            tokens, log_probs = self._decode(input_ids, temperature, generator)
+        finally:
+            self.train(was_training)
+        if self.residual:
+            tokens = cumulative_levels(tokens, self.levels)
+        return tokens, log_probs
+
+    def _decode(self, input_ids, temperature, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        body = self.body
+        batch, length = input_ids.shape
+        step = self.patch_size  # samples per decoder position
+        self._check_window(length)
+        enc_in = (
+            self.embed(input_ids) if self.patch is None else self.patch.encoder_inputs(input_ids)
+        )
+        enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
+        dec_cfg = body.decoder.config
+        cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
+        tokens = input_ids.new_full((batch, length), self.pad_id)
+        log_probs = torch.empty((batch, length), device=input_ids.device)
+        pick = self.head.stepper(input_ids, temperature, generator)
+        for start in range(0, length, step):
+            # the decoder input: the step before's tokens (pad at the start)
+            previous = tokens[:, start - step : start] if start else tokens[:, :step]
+            if self.patch is None:
+                emb = self.embed(previous)
+                if self.align_embed is not None:
+                    emb = emb + self.align_embed(input_ids[:, start : start + 1])
+            else:
+                emb = self.patch.decoder_step(previous, input_ids, start // step)
+            out = body.decoder(
+                inputs_embeds=emb, encoder_hidden_states=enc, cache=cache, use_cache=True
+            )
+            cache = out.cache
+            hidden = out.last_hidden_state[:, -1]
+            if self.patch is None:
+                tokens[:, start], log_probs[:, start] = pick(hidden)
+            else:
+                span = slice(start, start + step)
+                tokens[:, span], log_probs[:, span] = self.patch.generate_patch(
+                    hidden, pick, self.pad_id
+                )
+        return tokens, log_probs
+
+    def _check_window(self, length: int) -> None:
+        if length % self.patch_size:
+            raise ModelError(
+                f"window of {length} samples is not a multiple of patch_size "
+                f"{self.patch_size}: use a seq_len divisible by it"
+            )
+
+    def _check_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Out-of-range tokens are a codec mismatch between loader and model: say so."""
+        checks = [("input_ids", input_ids, 0, self.pad_id)]
+        if labels is not None:
+            checks.append(("labels", labels[labels != IGNORE], 0, self.levels - 1))
+        for name, x, lo, hi in checks:
+            if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
+                raise ModelError(
+                    f"{name} hold tokens in {int(x.min())}..{int(x.max())}, outside {lo}..{hi} "
+                    f"of codec {self.codec.name} ({self.levels} levels, pad {self.pad_id}): "
+                    "give the loader the model's codec"
+                )
+
+    # ---------------------------------------------------------------- Lightning steps
+
+    def _check_batch(self, batch: Batch) -> None:
+        # On an accelerator the check is a host sync: do it for the first batch of each
+        # fit/validate/test run (a codec mismatch shows there); on CPU for every batch.
+        if not self._checked or batch["labels"].device.type == "cpu":
+            self._check_tokens(batch["input_ids"], batch["labels"])
+            self._checked = True
+
+    def on_train_start(self) -> None:
+        self._checked = False
+
+    def on_validation_start(self) -> None:
+        self._checked = False
+
+    def on_test_start(self) -> None:
+        self._checked = False
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self._check_batch(batch)
+        scored = self.score(batch["input_ids"], batch["labels"])
+        count = scored["count"].clamp(min=1)
+        loss = scored["nll_sum"] / count  # nats per scored target sample
+        self.log("train/loss", loss.detach())
+        self.log("train/bits_per_sample", loss.detach() / LN2, prog_bar=True)
+        self.log("train/accuracy", (scored["correct"] / count).detach())
+        return loss
+
+    def metric_sums(self, labels: torch.Tensor, scored: Scored) -> dict[str, torch.Tensor]:
+        """The sums ``SumMetrics`` adds up for one scored batch."""
+        sums = {
+            "nll": scored["nll_sum"],
+            "count": scored["count"],
+            "correct": scored["correct"],
+            **energy_sums(labels, scored["pred"], self.int16_of_token),
+        }
+        if scored["untrained_nll_sum"] is not None:
+            sums["untrained"] = scored["untrained_nll_sum"]
+        return sums
+
+    def _eval_step(self, batch: Batch, sums: SumMetrics) -> torch.Tensor:
+        self._check_batch(batch)
+        scored = self.score(batch["input_ids"], batch["labels"])
+        sums.update(self.metric_sums(batch["labels"], scored))
+        return scored["pred"]  # for callbacks (trainer.callbacks.AudioExamples)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, self.val_sums)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, self.test_sums)
+
+    def _log_epoch(self, stage: str, sums: SumMetrics) -> None:
+        values = sums.compute()  # already reduced over processes: identical on every rank
+        sums.reset()
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value.float(), prog_bar=name == "bits_per_sample")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val", self.val_sums)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_sums)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr)
+        total = total_steps(hp.max_steps, self._trainer)
+        schedule = functools.partial(lr_factor, warmup=hp.warmup_steps, total=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and self._hidden_fn == self.hidden:
+            # A compiled function, not a wrapped module: parameter names stay the same, so
+            # checkpoints load with or without compile.
+            self._hidden_fn = torch.compile(self.hidden)
+
+    # ---------------------------------------------------------------- weights
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights, LoRA merged (``trainer.model.weights.plain_state_dict``)."""
+        return weights.plain_state_dict(self)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write an export folder (``trainer.model.weights.save_pretrained``)."""
+        return weights.save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> StereoT5:
+        """Rebuild a module from an export folder (no Lightning checkpoint needed);
+        ``overrides`` replace hyperparameters that do not change shapes (lr, dropout, ...)."""
+        hparams = weights.current_hparams(weights.read_meta(Path(folder))["hparams"])
+        args = weights.constructor_args(cls, {**hparams, **overrides})
+        model = cls(**{**args, "init_from": None, "lora": None})
+        weights.load_weights(model, folder)
+        return model.eval()
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load a ``.ckpt`` or an export folder (``trainer.model.weights.load_weights``)."""
+        weights.load_weights(self, path)
