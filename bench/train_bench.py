@@ -1,9 +1,9 @@
-"""Training-step benchmark, in three parts measured side by side in one run (design §10):
+"""Training-step benchmark, in three parts measured side by side in one run (docs/benchmarks.md):
 
 - heads: seconds per step and peak activation memory for `full`, `chunked`, `coarse_fine`
   (align off and on) and `logistic` (the demo's head: an adaptive predictor in float64 under a
   4-component mixture) next to the same body with a 256-way head (the floor any 16-bit head can
-  reach), each also with the body's attention block-wise (`attn_block`, trainer/attention.py)
+  reach), each also with the body's attention tiled (`attn_tile`, trainer/model/attention.py)
   and with that plus activation checkpointing of the body (`checkpoint_body`);
 - patches: the per-sample model (P = 1) against the patched encoder / two-level decoder
   (P = 8, 16) at L = 2048, 8192, 16384 (P = 1 only where its L x L attention fits);
@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BODY = dict(d_model=256, d_ff=1024, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=64)
 LOCAL = dict(local_d=128, local_layers=2, local_heads=4)
 BATCH = 2
-# heads part: (label, head, align, blocks, ckpt); "floor256" is a 256-class full head. Bodies:
-# dense sdpa; "+blocks": block-wise attention (`attn_block` = ATTN_BLOCK query rows); "+lean":
-# block-wise attention and every T5 block recomputed in backward (`checkpoint_body`)
-ATTN_BLOCK = 256
-BODIES = {"": (False, False), "+blocks": (True, False), "+lean": (True, True)}
+# heads part: (label, head, align, tiled, ckpt); "floor256" is a 256-class full head. Bodies:
+# dense sdpa; "+tiled": tiled attention (`attn_tile` = ATTN_TILE query rows); "+lean":
+# tiled attention and every T5 layer recomputed in backward (`checkpoint_body`)
+ATTN_TILE = 256
+BODIES = {"": (False, False), "+tiled": (True, False), "+lean": (True, True)}
 HEAD_ROWS = [
     (label + body, head, align, *BODIES[body])
     for body in BODIES
@@ -72,7 +72,8 @@ def step_worker(spec: dict) -> dict:
     """One configuration in this process: seconds/step and memory in MB."""
     import torch
 
-    from trainer.model import SoftmaxHead, StereoT5
+    from trainer.model import StereoT5
+    from trainer.model.heads import SoftmaxHead
 
     torch.manual_seed(0)
     head, length = spec["head"], spec["length"]
@@ -82,7 +83,7 @@ def step_worker(spec: dict) -> dict:
         align=spec["align"],
         max_len=length,
         warmup_steps=0,
-        attn_block=ATTN_BLOCK if spec["blocks"] else 0,
+        attn_tile=ATTN_TILE if spec["tiled"] else 0,
         checkpoint_body=spec["ckpt"],
         patch_size=spec["patch"],
         **(LOCAL if spec["patch"] > 1 else {}),
@@ -130,7 +131,7 @@ def budget_worker(spec: dict) -> dict:
     import torch
 
     from trainer.data import ShardDataModule
-    from trainer.evaluate import evaluate
+    from trainer.evaluation.evaluate import evaluate
     from trainer.model import StereoT5
 
     torch.manual_seed(0)
@@ -187,9 +188,9 @@ def budget_worker(spec: dict) -> dict:
         "steps": steps,
         "seconds": trained,
         "train_bits": float(loss.detach()) / LN2,
-        "test_bits": report["bits_per_sample"]["model"],
-        "flac_alone": report["bits_per_sample"]["flac_target_alone"],
-        "samples": report["counts"]["samples_scored"],
+        "test_bits": report.bits_per_sample.model,
+        "flac_alone": report.bits_per_sample.flac_target_alone,
+        "samples": report.counts.samples_scored,
     }
 
 
@@ -203,12 +204,12 @@ def run_worker(kind: str, spec: dict) -> dict:
 
 
 def step_spec(
-    head="coarse_fine", align=False, blocks=False, ckpt=False, patch=1, length=2048, args=None
+    head="coarse_fine", align=False, tiled=False, ckpt=False, patch=1, length=2048, args=None
 ):
     return dict(
         head=head,
         align=align,
-        blocks=blocks,
+        tiled=tiled,
         ckpt=ckpt,
         patch=patch,
         length=length,
@@ -221,7 +222,7 @@ def heads_part(args) -> None:
     print(
         f"heads: pcm16 (65536 levels), T5 d {BODY['d_model']}, {BODY['num_layers']}+"
         f"{BODY['num_decoder_layers']} layers, gated-gelu d_ff {BODY['d_ff']}, batch {BATCH}; "
-        f"+blocks = block-wise attention (attn_block {ATTN_BLOCK}); +lean = +blocks and "
+        f"+tiled = tiled attention (attn_tile {ATTN_TILE}); +lean = +tiled and "
         "checkpoint_body"
     )
     header = (
@@ -231,12 +232,12 @@ def heads_part(args) -> None:
     summary = []
     for length in [1024] if args.quick else [1024, 2048]:
         rows = {
-            label: run_worker("step", step_spec(head, align, blocks, ckpt, 1, length, args))
-            for label, head, align, blocks, ckpt in HEAD_ROWS
+            label: run_worker("step", step_spec(head, align, tiled, ckpt, 1, length, args))
+            for label, head, align, tiled, ckpt in HEAD_ROWS
         }
         print(header)
         for label, r in rows.items():
-            suffix = next(body for body, kind in BODIES.items() if kind == (r["blocks"], r["ckpt"]))
+            suffix = next(body for body, kind in BODIES.items() if kind == (r["tiled"], r["ckpt"]))
             full, floor = rows["full" + suffix], rows["floor256" + suffix]
             print(
                 f"{length:>5}  {label:<18}{r['s_per_step']:>8.2f}{r['min_s']:>7.2f}"

@@ -3,7 +3,7 @@
 One reader for every format libsndfile decodes (WAV/WAVE_EXTENSIBLE/RF64, FLAC, AIFF, OGG/Vorbis,
 Opus, MP3). Files are read in blocks, so a two-hour file never sits in memory whole.
 
-Quantization (design §10): files of <= 16-bit integer PCM are read as int16 (exact; 8-bit scales
+Quantization (docs/data.md): files of <= 16-bit integer PCM are read as int16 (exact; 8-bit scales
 up by 256). Wider integer files are read as int32 and reduced with integer arithmetic (round half
 to even, then clip). Float and lossy files are read as float64, x 32768, round half to even, clip
 to [-32768, 32767]. libsndfile's own int16 read truncates 24-bit and zeroes some float files.

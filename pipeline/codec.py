@@ -1,4 +1,4 @@
-"""uint16 PCM <-> model tokens: the one place where samples become token ids and back (design §7).
+"""uint16 PCM <-> model tokens: where samples become token ids and back (docs/architecture.md).
 
 Shards hold uint16 = int16 + 32768 (the original trainer's mapping). A codec maps those 65536
 values to token ids ``0..levels-1``:

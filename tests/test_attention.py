@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.model.attention import tiled_attention
 from trainer.model import ModelError, StereoT5
+from trainer.model.attention import tiled_attention
 
 TINY = dict(
     codec="pcm16",

@@ -7,6 +7,7 @@ import json
 import math
 import tarfile
 import warnings
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,11 @@ from pytorch_lightning.loggers import CSVLogger
 
 from pipeline.audio import read
 from pipeline.records import Manifest
-from trainer import evaluate as evaluate_module
-from trainer import predict as predict_module
-from trainer.baselines import (
+from trainer.callbacks import ExportOnFitEnd
+from trainer.data import ShardDataModule
+from trainer.evaluation import evaluate as evaluate_module
+from trainer.evaluation import predict as predict_module
+from trainer.evaluation.baselines import (
     best_gain,
     copy_snr,
     fir_apply,
@@ -31,12 +34,11 @@ from trainer.baselines import (
     ls_fir,
     snr_db,
 )
-from trainer.checkpoint import load_model
-from trainer.data import ShardDataModule
-from trainer.evaluate import evaluate
+from trainer.evaluation.evaluate import evaluate
+from trainer.evaluation.loading import load_model
+from trainer.evaluation.predict import predict
+from trainer.evaluation.report import Bits, learning_checks
 from trainer.model import ModelError, StereoT5
-from trainer.predict import predict
-from trainer.report import learning_checks
 
 TINY = dict(**TINY_MODEL, max_len=256, warmup_steps=1)
 SEQ = 64  # evaluation/prediction window: generation costs one decoder step per sample
@@ -51,8 +53,8 @@ REPORT_KEYS = {
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models decode one sample per step: with 2 intra-op threads on a 2-core machine
-    that is also training, a 64-step generate took 0.2-13 s; with 1 thread 0.06 s."""
+    """Tiny models decode one sample per step: several intra-op threads contending for a few
+    cores make a short generate many times slower than one thread (docs/benchmarks.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -76,7 +78,10 @@ def run(shard_dir, tmp_path_factory) -> Path:
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         logger=CSVLogger(root, name="csv"),
-        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
+        callbacks=[
+            ModelCheckpoint(dirpath=root / "checkpoints", save_last=True),
+            ExportOnFitEnd(),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -160,7 +165,7 @@ def test_flac_costs_in_the_report_equal_an_independent_encoding_of_the_chunks(
 ):
     report = evaluate(
         ckpt, shard_dir, max_chunks=2, generate=0, out=tmp_path, seq_len=SEQ, progress=False
-    )
+    ).to_json()
     chunks = _test_chunks(shard_dir, 2)
     stereo = sum(_flac_size(c.T) for c in chunks)
     left = sum(_flac_size(c[0]) for c in chunks)
@@ -179,7 +184,9 @@ def test_flac_costs_in_the_report_equal_an_independent_encoding_of_the_chunks(
 
 
 def test_evaluate_writes_json_markdown_and_png_with_every_field(ckpt, shard_dir, run):
-    report = evaluate(ckpt, shard_dir, generate=3, seq_len=SEQ, batch_size=8, progress=False)
+    report = evaluate(
+        ckpt, shard_dir, generate=3, seq_len=SEQ, batch_size=8, progress=False
+    ).to_json()
     out = ckpt.parent / "eval-test"  # the default: beside the checkpoint
     data = json.loads((out / "report.json").read_text())
     assert data == json.loads(json.dumps(report))
@@ -234,6 +241,20 @@ def test_evaluate_writes_json_markdown_and_png_with_every_field(ckpt, shard_dir,
         assert row in md, row
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_the_report_round_trips_through_report_json(ckpt, shard_dir, tmp_path):
+    report = evaluate(
+        ckpt, shard_dir, max_chunks=1, generate=1, seq_len=SEQ, out=tmp_path, progress=False
+    )
+    data = json.loads(Path(report.files.json).read_text())
+    assert report.to_json() == data
+    assert set(data) >= REPORT_KEYS, REPORT_KEYS - set(data)
+    assert report.bits_per_sample.model == data["bits_per_sample"]["model"]
+    assert report.counts.chunks == 1 == data["counts"]["chunks"]
+    assert report.snr_db.model_greedy == data["snr_db"]["model_greedy"]
+    assert [c.check for c in report.checks] == [c["check"] for c in data["checks"]]
+    assert Path(report.files.md).read_text().startswith("# Evaluation: test split")
 
 
 def test_a_lossy_codec_export_folder_labels_its_bits_as_lossy(shard_dir, tmp_path, capsys):
@@ -303,14 +324,20 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_one_clear_line(
 
 
 def test_learning_checks_compare_with_flac_and_with_the_untrained_head():
-    bits = dict(model=5.0, model_untrained=5.5, flac_target_alone=6.25)
-    checks = learning_checks(bits, comparable_to_flac=True)
+    bits = Bits(
+        model=5.0,
+        model_untrained=5.5,
+        flac_given_input=3.0,
+        flac_target_alone=6.25,
+        level_entropy=7.0,
+    )
+    checks = [asdict(c) for c in learning_checks(bits, comparable_to_flac=True)]
     assert [(c["check"], c["by"], c["passed"]) for c in checks] == [
         ("below FLAC of target alone", 1.25, True),
         ("below the same head untrained", 0.5, True),
     ]
-    bits = dict(bits, model=5.5)  # no better than before training: fails, even below FLAC
-    checks = learning_checks(bits, comparable_to_flac=False)
+    bits = replace(bits, model=5.5)  # no better than before training: fails, even below FLAC
+    checks = [asdict(c) for c in learning_checks(bits, comparable_to_flac=False)]
     assert [(c["check"], c["by"], c["passed"]) for c in checks] == [
         ("below the same head untrained", 0.0, False)
     ]
@@ -319,7 +346,8 @@ def test_learning_checks_compare_with_flac_and_with_the_untrained_head():
 def test_the_gate_fails_an_untrained_logistic_model_and_refuses_a_lossy_codec(
     shard_dir, tmp_path, capsys
 ):
-    model = StereoT5(codec="pcm16", head="logistic", lpc_order=4, lpc_taps=2, **TINY)
+    logistic = {"class_path": "LogisticOptions", "init_args": {"order": 4, "taps": 2}}
+    model = StereoT5(codec="pcm16", head=logistic, **TINY)
     folder = model.save_pretrained(tmp_path / "export")
     args = ["--shards", str(shard_dir), "--seq-len", str(SEQ), "--max-chunks", "1"]
     args += ["--generate", "0", "--no-progress", "--gate", "--out", str(tmp_path / "eval")]
@@ -381,6 +409,27 @@ def test_predict_keeps_the_length_and_the_input_channel_bit_for_bit(
     assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written left behind
 
 
+@pytest.mark.parametrize("frames", [4 * SEQ, 4 * SEQ + 1, 8 * SEQ + 3])
+def test_predict_covers_a_file_with_consecutive_windows_and_one_overlapping(ckpt, tmp_path, frames):
+    inp = _write(tmp_path / "in.wav", frames, RATE)
+    result = predict(inp, tmp_path / "out.wav", ckpt, seq_len=SEQ, batch_size=4, progress=False)
+    assert result["frames"] == frames and result["windows"] == math.ceil(frames / SEQ)
+    written, _ = sf.read(tmp_path / "out.wav", dtype="int16")
+    assert np.array_equal(written[:, 0], read(inp)[0])
+
+
+@pytest.mark.parametrize("content", [None, b"", b"<!DOCTYPE html><html>not audio</html>"])
+def test_predict_on_a_file_that_is_not_audio_names_it_in_one_line(ckpt, tmp_path, content, capsys):
+    inp = tmp_path / "song.wav"
+    if content is not None:
+        inp.write_bytes(content)
+    out = tmp_path / "out.wav"
+    assert predict_module.main([str(inp), str(out), "--ckpt", str(ckpt), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {inp}: ") and err.count("\n") == 1
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_predict_resamples_to_the_training_rate_and_pads_a_file_shorter_than_a_window(
     ckpt, tmp_path
 ):
@@ -420,7 +469,7 @@ def test_evaluate_and_predict_work_with_a_patched_model(shard_dir, tmp_path):
         generate=1,
         out=tmp_path / "eval",
         progress=False,
-    )
+    ).to_json()
     assert report["model"]["patch_size"] == 8 and report["config"]["seq_len"] == SEQ
     assert math.isfinite(report["bits_per_sample"]["model"])
     assert "patches of 8, two-level decoder" in (tmp_path / "eval" / "report.md").read_text()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from trainer.callbacks import AudioExamples, ExportOnFitEnd
 from trainer.model import ModelError, StereoT5
-from trainer.model.heads import ChunkedOptions, LogisticOptions
+from trainer.model.heads import ChunkedOptions
 from trainer.model.metrics import SumMetrics, summarize
 from trainer.model.optim import lr_factor
 
@@ -267,36 +267,6 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path):
     model.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-
-
-GENERATION_CASES = {
-    "mulaw8-full": dict(codec="mulaw8", head="full"),
-    "coarse_fine-align": dict(codec="pcm16", head="coarse_fine", align=True),
-    "coarse_fine-align-residual": dict(
-        codec="pcm16", head="coarse_fine", align=True, residual=True
-    ),
-    "patched-mulaw8-full": dict(codec="mulaw8", head="full", **PATCH),
-    "patched-coarse_fine-align": dict(codec="pcm16", head="coarse_fine", align=True, **PATCH),
-    "patched-residual": dict(codec="pcm16", head="coarse_fine", align=True, residual=True, **PATCH),
-    "logistic-align": dict(codec="pcm16", head=LogisticOptions(order=4, refit_every=4), align=True),
-    "logistic-mulaw8": dict(codec="mulaw8", head=LogisticOptions(taps=0, mixtures=1)),
-}
-
-
-@pytest.mark.parametrize("kwargs", GENERATION_CASES.values(), ids=GENERATION_CASES.keys())
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generation_log_probs_equal_teacher_forced_log_probs(kwargs, temperature):
-    model = tiny(**kwargs).eval()
-    input_ids = make_batch(model.levels, batch=3, length=24)["input_ids"]
-    generator = torch.Generator().manual_seed(0)
-    tokens, log_probs = model.generate(input_ids, temperature=temperature, generator=generator)
-    assert tokens.shape == input_ids.shape and int(tokens.min()) >= 0
-    assert int(tokens.max()) < model.levels
-    with torch.no_grad():
-        scored = model.score(input_ids, tokens)
-    assert torch.allclose(log_probs, -scored["nll"], atol=1e-4)
-    if temperature == 0:
-        assert torch.equal(scored["pred"], tokens)  # greedy = teacher-forced argmax on itself
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():

@@ -3,7 +3,14 @@
 import sys
 from importlib import import_module
 
-command = sys.argv[1] if len(sys.argv) > 1 else ""
-if command in ("evaluate", "predict"):
-    raise SystemExit(import_module(f"trainer.evaluation.{command}").main(sys.argv[2:]))
-raise SystemExit(import_module("trainer.cli").main())
+
+def main(argv: list[str]) -> int:
+    """Dispatch on the first word; the exit code of the command."""
+    command = argv[0] if argv else ""
+    if command in ("evaluate", "predict"):
+        return import_module(f"trainer.evaluation.{command}").main(argv[1:])
+    return import_module("trainer.cli").main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

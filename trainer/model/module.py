@@ -66,7 +66,7 @@ class StereoT5(pl.LightningModule):
         residual: model each sample as its difference from the one before (exact).
         patch_size, local_d, local_layers, local_heads: P >= 2 puts P samples at one body
             position, with a local model per patch (``trainer.model.patched``).
-        checkpoint_body: recompute every T5 block in backward (less memory, more compute).
+        checkpoint_body: recompute every T5 layer in backward (less memory, more compute).
         attn_tile: 0: sdpa; N > 0: tiled attention over N query rows at a time.
         lr, weight_decay, warmup_steps, max_steps: AdamW, warmup, cosine to 10 % of lr.
         compile: ``torch.compile`` the body's forward.

@@ -53,9 +53,8 @@ def resolve_head(spec: str | dict[str, Any] | HeadOptions, levels: int) -> HeadO
         return OPTIONS[name]()
     if isinstance(spec, dict) and "class_path" in spec:
         path = str(spec["class_path"])
-        found = [
-            c for c in OPTIONS.values() if path in (c.__name__, f"{c.__module__}.{c.__name__}")
-        ]
+        name = path.rsplit(".", 1)[-1]  # trainer.model.heads.X or trainer.model.heads.x.X
+        found = [c for c in OPTIONS.values() if c.__name__ == name]
         if not found:
             raise ModelError(
                 f"head class_path {path!r} is none of {[c.__name__ for c in OPTIONS.values()]}"

@@ -1,9 +1,9 @@
-"""Signal baselines for the evaluation (design §8, §10): FLAC costs, level entropy, SNR, and the
-copy / best-gain / least-squares-FIR predictors of one channel from the other. Pure numpy.
+"""Signal baselines for the evaluation (see docs/evaluation.md): FLAC costs, level entropy, SNR,
+and the copy / best-gain / least-squares-FIR predictors of one channel from the other. Pure numpy.
 
 Units: samples are int16 values (or floats in int16 units); SNR is 10 log10(signal energy /
-error energy) with both energies clamped at 1, as `trainer.model.summarize` does for the
-training logs, so a perfect int16 prediction reports 10 log10(signal energy) instead of inf.
+error energy) with both energies clamped at 1, as the training logs' SNR is, so a perfect int16
+prediction reports 10 log10(signal energy) instead of inf.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Loading a StereoT5 checkpoint to run it: a Lightning ``.ckpt`` or a ``save_pretrained`` folder,
-what it says about the data it was trained on (sample rate, window), and the runtime options
-(device, threads) that `evaluate` and `predict` share."""
+"""Loading a StereoT5 checkpoint to run it: a Lightning ``.ckpt`` (read by the one checkpoint
+reader, `trainer.model.weights.model_from_checkpoint`) or a ``save_pretrained`` folder, what it
+says about the data it was trained on (sample rate, window), and the runtime options (device,
+threads) that `evaluate` and `predict` share."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from transformers.utils import logging as transformers_logging
 from pipeline.codec import Codec, get_codec
 from pipeline.errors import PipelineError
 from pipeline.records import Manifest
-from trainer.model import META_NAME, ModelError, StereoT5
+from trainer.model import ModelError, StereoT5
+from trainer.model.weights import META_NAME, model_from_checkpoint
 
 __all__ = [
     "LoadedModel",
@@ -58,20 +59,6 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning may pickle hyperparameter objects: our own files only
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(
-                f"{path}: not a readable checkpoint ({reason}); pass a Lightning .ckpt or a "
-                "StereoT5.save_pretrained folder"
-            ) from None
-
-
 def _manifest_rate(manifest: Any, what: str) -> tuple[int | None, str]:
     if not manifest:
         return None, f"{what}: no shard manifest recorded"
@@ -80,28 +67,6 @@ def _manifest_rate(manifest: Any, what: str) -> tuple[int | None, str]:
     except PipelineError:
         return None, f"the training shards {manifest} (from the {what}) are not readable here"
     return int(rate), f"training shards {manifest} (from the {what})"
-
-
-def _lightning(path: Path) -> tuple[StereoT5, dict, dict]:
-    ckpt = _torch_load(path)
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not hparams or "codec" not in hparams or "state_dict" not in ckpt:
-        raise ModelError(f"{path}: not a StereoT5 Lightning checkpoint (no codec hyperparameter)")
-    known = set(inspect.signature(StereoT5.__init__).parameters) - {"self"}
-    kwargs = {k: v for k, v in hparams.items() if k in known}
-    # init_from was only the starting point of training: the checkpoint holds the weights
-    model = StereoT5(**{**kwargs, "init_from": None, "compile": False})
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except RuntimeError as exc:
-        # torch's first line is only "Error(s) in loading state_dict for StereoT5:"
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-        raise ModelError(
-            f"{path}: weights do not fit the model its hyperparameters describe ({detail}); it "
-            "was written by another version of this code: load it there, or train again"
-        ) from None
-    return model, dict(hparams), dict(ckpt.get("datamodule_hyper_parameters") or {})
 
 
 def _export_data_config(folder: Path) -> tuple[dict, str]:
@@ -137,19 +102,19 @@ def load_model(ckpt: str | Path, device: str | None = None) -> LoadedModel:
                 "StereoT5.save_pretrained (the run's export/)"
             )
         model = StereoT5.from_pretrained(path)
-        hparams = dict(model.hparams)
         data, what = _export_data_config(path)
         kind = "export"
     else:
-        model, hparams, data = _lightning(path)
+        model, data = model_from_checkpoint(path)
+        data = dict(data)
         what = (
             "checkpoint's datamodule hyperparameters"
             if data
             else "no data config in the checkpoint"
         )
         kind = "lightning"
-    if hparams.get("sample_rate"):  # a future model that records its rate itself
-        rate, source = int(hparams["sample_rate"]), "the model's hyperparameters"
+    if model.hparams.get("sample_rate"):  # a future model that records its rate itself
+        rate, source = int(model.hparams["sample_rate"]), "the model's hyperparameters"
     elif data.get("sample_rate"):
         rate, source = int(data["sample_rate"]), what
     elif data:

@@ -1,0 +1,4 @@
+"""Running a trained model: load it (`loading`), score a split teacher-forced (`scoring`),
+generate (`generation`), compare with signal baselines (`baselines`), write the typed report
+(`report`, `plot`, `curve`); the two commands are `evaluate` and `predict`. See
+docs/evaluation.md."""

@@ -1,0 +1,350 @@
+"""`python -m trainer evaluate`: a checkpoint on a shard split, beside baselines (see
+docs/evaluation.md).
+
+Two measures of one target channel (the right one for l2r), each next to what a signal-processing
+baseline achieves on the same audio:
+
+- Teacher-forced bits per sample over every frame of the split's chunks, scored once
+  (`scoring`), as exact sums: NLL / count / ln 2. Beside it, on the same whole chunks: FLAC's
+  cost of the target given the input ((stereo FLAC - mono FLAC of the input) x 8 / frames), FLAC
+  of the target alone, and the entropy of the target's codec levels. Under mulaw/linear codecs
+  the model's bits are those of a lossy signal and are labelled so.
+- Generated SNR (`generation`): N windows spread evenly over the split, decoded
+  autoregressively (greedy and sampled), against the original int16 target; beside it
+  copy-input, best-gain and a 32-tap least-squares FIR fitted on each window itself (an oracle
+  bound, not a deployable predictor).
+
+Writes `report.json` (every figure), `report.md` (two small tables) and `report.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError, run_cli
+from pipeline.fsutil import atomic_write_text
+from pipeline.records import SPLITS, Manifest
+from trainer.data import ShardDataModule
+from trainer.data.batch import DIRECTIONS
+from trainer.data.eval_stream import EvalStream
+from trainer.data.shards import ShardSplit
+from trainer.evaluation.baselines import FLAC_COMPRESSION_LEVEL, level_entropy, snr_from_energies
+from trainer.evaluation.curve import find_metrics_csv, read_curve
+from trainer.evaluation.generation import FIR_CAUSAL, FIR_TAPS, Generated, generated_snr
+from trainer.evaluation.loading import (
+    LoadedModel,
+    add_runtime_options,
+    apply_runtime_options,
+    load_model,
+    resolve_seq_len,
+)
+from trainer.evaluation.plot import plot_report
+from trainer.evaluation.report import (
+    REPORT_FORMAT,
+    Bits,
+    Counts,
+    GeneratedWindow,
+    ModelInfo,
+    Report,
+    ReportFiles,
+    RunConfig,
+    TeacherForced,
+    Timing,
+    learning_checks,
+    render_markdown,
+)
+from trainer.evaluation.scoring import SplitScore, limit_chunks, score_split
+
+__all__ = ["default_out", "evaluate", "main"]
+
+LN2 = math.log(2.0)
+
+
+def default_out(ckpt: str | Path, split: str) -> Path:
+    """`<folder holding the checkpoint>/eval-<split>`: beside a .ckpt, and beside an export
+    folder rather than inside it (save_pretrained replaces that folder as a whole)."""
+    return Path(ckpt).parent / f"eval-{split}"
+
+
+def _check_arguments(
+    split: str, direction: str, max_chunks: int | None, generate: int, batch_size: int
+) -> None:
+    if split not in SPLITS:
+        raise PipelineError(f"split {split!r}: use one of {', '.join(SPLITS)}")
+    if direction not in DIRECTIONS:
+        raise PipelineError(f"direction {direction!r}: evaluate takes l2r or r2l")
+    if max_chunks is not None and max_chunks < 1:
+        raise PipelineError(f"max_chunks must be >= 1, got {max_chunks}")
+    if generate < 0 or batch_size < 1:
+        raise PipelineError("generate must be >= 0 and batch_size >= 1")
+
+
+def _stream(
+    shards: str | Path,
+    split: str,
+    length: int,
+    batch_size: int,
+    codec: str,
+    direction: str,
+    max_chunks: int | None,
+) -> EvalStream:
+    """The split's eval stream on one rank, cut to its first `max_chunks` chunks."""
+    data = ShardDataModule(
+        str(shards),
+        seq_len=length,
+        batch_size=batch_size,
+        num_workers=0,
+        codec=codec,
+        direction=direction,
+        return_meta=True,
+    )
+    full = data.eval_stream(split, rank=0, world_size=1).split
+    samples = limit_chunks(full.samples, max_chunks)
+    return EvalStream(
+        ShardSplit(full.urls[: len(samples)], samples, full.chunk_frames),
+        length,
+        batch_size,
+        direction,
+        return_meta=True,
+    )
+
+
+def _model_info(loaded: LoadedModel) -> ModelInfo:
+    model = loaded.model
+    return ModelInfo(
+        head=model.head_kind,
+        patch_size=model.patch_size,
+        max_len=loaded.max_len,
+        parameters=sum(p.numel() for p in model.parameters()),
+        train_sample_rate=loaded.sample_rate,
+        train_sample_rate_source=loaded.sample_rate_source,
+        train_seq_len=loaded.train_seq_len,
+        hparams={k: v for k, v in model.hparams.items() if not k.startswith("_")},
+    )
+
+
+def _bits(scored: SplitScore) -> Bits:
+    count = max(scored.count, 1)
+    untrained = scored.untrained_nll
+    return Bits(
+        model=scored.nll / count / LN2,
+        model_untrained=None if untrained is None else untrained / count / LN2,
+        flac_given_input=scored.flac.given_input,
+        flac_target_alone=scored.flac.alone,
+        level_entropy=level_entropy(scored.levels),
+    )
+
+
+def _counts(stream: EvalStream, scored: SplitScore, length: int) -> Counts:
+    return Counts(
+        shards=len(stream.split.samples),
+        chunks=scored.chunks,
+        chunk_frames=stream.split.chunk_frames,
+        windows=scored.windows,
+        samples_scored=scored.count,
+        generated_windows=len(scored.picked),
+        generated_samples=len(scored.picked) * length,
+    )
+
+
+def _teacher_forced(scored: SplitScore) -> TeacherForced:
+    return TeacherForced(
+        nll_nats=scored.nll,
+        count=scored.count,
+        accuracy=scored.correct / max(scored.count, 1),
+        snr_db=snr_from_energies(scored.tf_signal, scored.tf_error),
+    )
+
+
+def _timing(scored: SplitScore, gen: Generated) -> Timing:
+    return Timing(
+        score_s=scored.seconds,
+        score_samples_per_s=scored.count / scored.seconds if scored.seconds else None,
+        generate_s=gen.seconds,
+        generate_samples_per_s=gen.samples_per_s,
+    )
+
+
+def evaluate(
+    ckpt: str | Path,
+    shards: str | Path,
+    split: str = "test",
+    max_chunks: int | None = None,
+    generate: int = 8,
+    out: str | Path | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    direction: str = "l2r",
+    codec: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    gate: bool = False,
+) -> Report:
+    """Evaluate a checkpoint on a split of a shard set and write report.{json,md,png}.
+
+    Args:
+        ckpt: a Lightning ``.ckpt`` of StereoT5 or a ``save_pretrained`` folder.
+        shards: a shard set's folder or its manifest.json.
+        split: ``train``, ``val`` or ``test``.
+        max_chunks: score only the first N chunks of the split (manifest order); all if None.
+        generate: windows decoded autoregressively for the SNR rows (0: none).
+        out: output folder (default ``<checkpoint's folder>/eval-<split>``).
+        temperature: of the sampled generation (<= 0: no sampled row).
+        seed: of the sampled generation.
+        batch_size: windows per forward pass (scoring and generation).
+        seq_len: window length (default: the training window, at most max_len and a chunk).
+        direction: ``l2r`` (target = right) or ``r2l``.
+        codec: only checked: it must be the checkpoint's codec.
+        device: torch device (default: cuda if available, else cpu).
+        gate: only checked: the caller gates on the report's checks, which need a pcm16
+            checkpoint (refused before any scoring otherwise).
+
+    Returns:
+        The report; ``report.to_json()`` is what report.json holds.
+
+    Raises:
+        UserError (PipelineError, ModelError, ...): bad arguments, unreadable shards or
+            checkpoint, a codec or window the checkpoint was not built for.
+    """
+    _check_arguments(split, direction, max_chunks, generate, batch_size)
+    manifest = Manifest.load(Path(shards))
+    loaded = load_model(ckpt, device)
+    model, model_codec = loaded.model, loaded.codec
+    length = resolve_seq_len(loaded, seq_len, codec, manifest.config.chunk_frames)
+    if gate and not model_codec.exact:
+        raise PipelineError(
+            f"{ckpt}: the gate compares bits with FLAC, which needs a pcm16 checkpoint, not "
+            f"{model_codec.name}: drop --gate"
+        )
+    warnings = []
+    rate = int(manifest.config.sample_rate)
+    if loaded.sample_rate is not None and loaded.sample_rate != rate:
+        warnings.append(
+            f"the model was trained on {loaded.sample_rate} Hz shards, these are {rate} Hz"
+        )
+    stream = _stream(shards, split, length, batch_size, model_codec.name, direction, max_chunks)
+    d = DIRECTIONS[direction]
+    scored = score_split(model, stream, model_codec, rate, d, generate, progress)
+    gen = generated_snr(model, scored.picked, model_codec, d, batch_size, temperature, seed)
+    out_dir = Path(out) if out is not None else default_out(loaded.path, split)
+    metrics_csv = find_metrics_csv(loaded.path)
+    exact = model_codec.exact
+    bits = _bits(scored)
+    files = ReportFiles(*(str(out_dir / f"report.{name}") for name in ("json", "md", "png")))
+    report = Report(
+        format=REPORT_FORMAT,
+        ckpt=str(loaded.path),
+        ckpt_kind=loaded.kind,
+        shards=str(shards),
+        split=split,
+        codec=model_codec.name,
+        codec_exact=exact,
+        bits_comparable_to_flac=exact,
+        direction=direction,
+        sample_rate=rate,
+        model=_model_info(loaded),
+        config=RunConfig(
+            max_chunks=max_chunks,
+            generate=generate,
+            temperature=temperature,
+            seed=seed,
+            batch_size=batch_size,
+            seq_len=length,
+            device=str(next(model.parameters()).device),
+            flac_compression_level=FLAC_COMPRESSION_LEVEL,
+            fir_taps=FIR_TAPS,
+            fir_causal=FIR_CAUSAL,
+            snr_truth="original int16 target",
+        ),
+        counts=_counts(stream, scored, length),
+        bits_per_sample=bits,
+        checks=learning_checks(bits, exact),
+        teacher_forced=_teacher_forced(scored),
+        flac=scored.flac,
+        snr_db=gen.snr_db,
+        snr_db_per_window=gen.per_window,
+        best_gains=gen.gains,
+        generated_windows=[GeneratedWindow(s, int(t)) for s, t in scored.picked_meta],
+        training_curve=str(metrics_csv) if metrics_csv else None,
+        timing=_timing(scored, gen),
+        warnings=warnings,
+        files=files,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(files.json), report.dumps())
+    atomic_write_text(Path(files.md), render_markdown(report))
+    curve = read_curve(metrics_csv) if metrics_csv else {}
+    plot_report(report, gen.example, curve, Path(files.png))
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer evaluate",
+        description="Teacher-forced bits/sample and generated SNR of a checkpoint on a shard "
+        "split, beside FLAC and signal baselines; writes report.json, report.md, report.png.",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt or save_pretrained folder")
+    parser.add_argument("--shards", required=True, help="shard set folder (or its manifest.json)")
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--max-chunks", type=int, default=None, help="first N chunks only")
+    parser.add_argument("--generate", type=int, default=8, help="windows to generate (0: none)")
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: <ckpt dir>/eval-SPLIT)"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="of the sampled row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the training window")
+    parser.add_argument("--direction", default="l2r", choices=("l2r", "r2l"))
+    parser.add_argument("--codec", default=None, help="must match the checkpoint's codec")
+    parser.add_argument(
+        "--gate",
+        action="store_true",
+        help="exit 1 unless the model passes every check (the demo's gate; pcm16 only)",
+    )
+    add_runtime_options(parser)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    apply_runtime_options(args)
+    report = evaluate(
+        args.ckpt,
+        args.shards,
+        split=args.split,
+        max_chunks=args.max_chunks,
+        generate=args.generate,
+        out=args.out,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        direction=args.direction,
+        codec=args.codec,
+        device=args.device,
+        progress=not args.no_progress,
+        gate=args.gate,
+    )
+    print(render_markdown(report))
+    print(f"report: {report.files.md} (+ report.json, report.png)")
+    if not args.gate:
+        return 0
+    failed = [c.check for c in report.checks if not c.passed]
+    if failed:
+        print(f"gate: failed: the model is not {' and not '.join(failed)}", file=sys.stderr)
+        return 1
+    print(f"gate: passed ({len(report.checks)} checks)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer evaluate --ckpt C --shards DIR [--split test] ...`; returns the exit
+    code (1: the gate failed; 2: a user error, printed as one `error:` line)."""
+    args = _parser().parse_args(argv)
+    return run_cli(lambda: _run(args))

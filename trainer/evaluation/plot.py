@@ -1,0 +1,117 @@
+"""report.png: bars of bits/sample, the training curve, one generated window and its
+spectrograms, read from the typed report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.fsutil import atomic_path
+from trainer.evaluation.curve import Curve
+from trainer.evaluation.generation import Example
+from trainer.evaluation.report import Report
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.gridspec import GridSpec, SubplotSpec
+
+__all__ = ["plot_report"]
+
+
+def _spectrogram(x: np.ndarray, nfft: int) -> np.ndarray:
+    """dB power [freq, frames] of a Hann-windowed STFT, hop nfft / 2 (-100 dB floor)."""
+    x = np.asarray(x, dtype=np.float64) / 32768.0
+    hop = nfft // 2
+    frames = max(1, 1 + (len(x) - nfft) // hop)
+    window = np.hanning(nfft)
+    rows = [np.pad(x[i * hop : i * hop + nfft], (0, max(0, nfft - len(x)))) for i in range(frames)]
+    power = np.abs(np.fft.rfft(np.stack(rows) * window, axis=1)) ** 2
+    return 10 * np.log10(power.T + 1e-10)
+
+
+def _bits_bars(fig: Figure, cell: SubplotSpec, report: Report) -> None:
+    bits = report.bits_per_sample
+    ax = fig.add_subplot(cell)
+    rows = [
+        ("model", bits.model, "tab:blue"),
+        ("untrained", bits.model_untrained, "tab:cyan"),
+        ("FLAC |\ninput", bits.flac_given_input, "tab:orange"),
+        ("FLAC\nalone", bits.flac_target_alone, "tab:red"),
+        ("level\nentropy", bits.level_entropy, "tab:gray"),
+    ]
+    names, values, colors = zip(*[row for row in rows if row[1] is not None], strict=True)
+    bars = ax.bar(names, values, color=colors)
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylim(0, 1.15 * max(values))
+    lossy = "" if report.bits_comparable_to_flac else f" (model: lossy {report.codec})"
+    ax.set_title(f"bits per target sample, {report.split}{lossy}")
+    ax.set_ylabel("bits / sample")
+
+
+def _curve(fig: Figure, cell: SubplotSpec, curve: Curve) -> None:
+    ax = fig.add_subplot(cell)
+    if not curve:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no metrics.csv near the checkpoint", ha="center", va="center")
+        return
+    for name, (steps, vals) in curve.items():
+        ax.plot(steps, vals, marker="o" if len(steps) < 30 else None, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits / sample")
+    ax.legend()
+    ax.set_title("training curve")
+
+
+def _example(fig: Figure, grid: GridSpec, example: Example, rate: int) -> None:
+    truth, greedy = example.truth, example.greedy
+    t = np.arange(len(truth)) / rate * 1000
+    ax = fig.add_subplot(grid[1, :])
+    ax.plot(t, example.input, color="0.75", lw=0.8, label="input channel")
+    ax.plot(t, truth, color="tab:blue", lw=1.0, label="target (truth)")
+    ax.plot(t, greedy, color="tab:orange", lw=1.0, alpha=0.85, label="generated (greedy)")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("int16")
+    ax.legend(loc="upper right")
+    ax.set_title("one generated window")
+    nfft = int(min(512, max(16, 2 ** int(math.log2(max(16, len(truth) // 8))))))
+    spec_truth, spec_pred = _spectrogram(truth, nfft), _spectrogram(greedy, nfft)
+    vmax = float(max(spec_truth.max(), spec_pred.max()))
+    extent = (0, len(truth) / rate * 1000, 0, rate / 2000)
+    for col, (title, spec) in enumerate((("truth", spec_truth), ("generated (greedy)", spec_pred))):
+        ax = fig.add_subplot(grid[2, col])
+        image = ax.imshow(
+            spec,
+            origin="lower",
+            aspect="auto",
+            extent=extent,
+            vmin=vmax - 90,
+            vmax=vmax,
+            cmap="magma",
+        )
+        ax.set_title(f"spectrogram: {title}")
+        ax.set_xlabel("ms")
+        ax.set_ylabel("kHz")
+    fig.colorbar(image, ax=ax, label="dB")
+
+
+def plot_report(report: Report, example: Example | None, curve: Curve, path: Path) -> None:
+    """Write the picture to `path` (atomically); matplotlib is imported only here."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 11), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(3, 2)
+    _bits_bars(fig, grid[0, 0], report)
+    _curve(fig, grid[0, 1], curve)
+    if example is None:
+        ax = fig.add_subplot(grid[1:, :])
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no generated window (--generate 0)", ha="center", va="center")
+    else:
+        _example(fig, grid, example, report.sample_rate)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
