@@ -1,4 +1,4 @@
-"""Block-wise attention (`attn_tile`): the same function as sdpa, one block of rows at a time,
+"""Tiled attention (`attn_tile`): the same function as sdpa, one tile of query rows at a time,
 with T5's position bias given whole or by offset."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_model_scores_gradients_and_generation_equal_dense(align: bool) -> None:
     torch.testing.assert_close(lp_b, lp_a, rtol=1e-5, atol=1e-5)
 
 
-def test_patched_model_runs_blockwise() -> None:
+def test_patched_model_runs_tiled() -> None:
     torch.manual_seed(0)
     kw = dict(TINY, max_len=96, patch_size=8, local_d=16, local_layers=1, local_heads=2)
     dense, blocks = StereoT5(**kw), StereoT5(**kw, attn_tile=5)

@@ -60,10 +60,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 def trainer_defaults() -> dict:
     """bf16-mixed on a GPU (T5 overflows in fp16), fp32 on CPU; checkpoints last + best; the
-    export at the end of fit; checkpoints read safely."""
+    export at the end of fit."""
     return {
         "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-        "plugins": [SafeCheckpointIO()],
         "callbacks": [
             RunCheckpoint(
                 monitor="val/bits_per_sample",
@@ -89,11 +88,14 @@ class StereoCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         """Without `trainer.logger` in the config, log to CSV and W&B under default_root_dir
         (a YAML logger list cannot follow a --trainer.default_root_dir given on the command
-        line); `logger: false` still turns logging off."""
+        line); `logger: false` still turns logging off. Checkpoints are read by
+        `SafeCheckpointIO` unless the config names a checkpoint IO of its own."""
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
             kwargs["logger"] = default_loggers(config.get("default_root_dir") or os.getcwd())
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not the user's own
+            trainer.strategy.checkpoint_io = SafeCheckpointIO()
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, RunCheckpoint):  # now: `--ckpt_path last` is resolved
                 callback.place(trainer)  # before any callback's setup runs

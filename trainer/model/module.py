@@ -19,15 +19,15 @@ from typing import Any, TypedDict
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from transformers import T5Config, T5Model
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers import T5Model
 
 from pipeline.codec import Codec, get_codec
 from trainer.data.batch import IGNORE, Batch
 from trainer.model import weights
-from trainer.model.attention import TILED, use_offset_bias
+from trainer.model.body import body_config, build_body, check_settings
 from trainer.model.embeddings import ValueEmbedding
 from trainer.model.errors import ModelError
+from trainer.model.generation import decode
 from trainer.model.heads import HeadOptions, resolve_head
 from trainer.model.lora import base_body, wrap_lora
 from trainer.model.metrics import LN2, SumMetrics, energy_sums
@@ -113,39 +113,16 @@ class StereoT5(pl.LightningModule):
         self.save_hyperparameters()
         self.head_kind = self.head_options.name
         self.pad_id = levels  # also the decoder start token
-        self._check_settings(dropout, attn_tile, max_len, patch_size, residual)
+        check_settings(self.head_options, dropout, attn_tile, max_len, patch_size, residual)
         self.patch_size, self.residual = patch_size, residual
         patched = patch_size > 1
-
-        self.config = T5Config(
-            vocab_size=1 if patched else levels + 1,  # patched: samples embed in self.patch
-            d_model=d_model,
-            d_ff=d_ff,
-            num_layers=num_layers,
-            num_decoder_layers=num_decoder_layers,
-            num_heads=num_heads,
-            d_kv=d_kv,
-            dropout_rate=dropout,
-            feed_forward_proj=feed_forward_proj,
+        self.config = body_config(
+            levels, max_len, patch_size, attn_tile, dropout, d_model=d_model, d_ff=d_ff,
+            num_layers=num_layers, num_decoder_layers=num_decoder_layers, num_heads=num_heads,
+            d_kv=d_kv, feed_forward_proj=feed_forward_proj,
             relative_attention_num_buckets=relative_attention_num_buckets,
-            relative_attention_max_distance=max_len // patch_size,
-            pad_token_id=0 if patched else self.pad_id,  # patched: inputs come as embeddings
-            decoder_start_token_id=0 if patched else self.pad_id,
-            eos_token_id=None,
-            tie_word_embeddings=False,
-            use_cache=False,
-            attn_implementation=TILED if attn_tile else "sdpa",
-            attn_tile=attn_tile,
-        )
-        if self.config.dense_act_fn == "gelu_new":
-            # the same tanh-GELU (equal to 1e-15) in one fused op: autograd keeps its input only,
-            # where gelu_new's five elementwise steps keep five [B, L, d_ff] tensors per layer
-            self.config.dense_act_fn = "gelu_pytorch_tanh"
-        self.t5: nn.Module = T5Model(self.config)
-        if attn_tile:
-            use_offset_bias(self.t5)
-        if checkpoint_body:
-            self.t5.gradient_checkpointing_enable({"use_reentrant": False})
+        )  # fmt: skip
+        self.t5: nn.Module = build_body(self.config, checkpoint_body)
         self.patch = None
         if patched:
             local = (local_d, local_layers, local_heads, dropout)
@@ -173,24 +150,6 @@ class StereoT5(pl.LightningModule):
             for param in self.parameters():
                 param.requires_grad_(False)
             self.t5 = wrap_lora(self.t5, lora)
-
-    def _check_settings(
-        self, dropout: float, attn_tile: int, max_len: int, patch_size: int, residual: bool
-    ) -> None:
-        if attn_tile < 0:
-            raise ModelError(f"attn_tile must be >= 0 (0: dense attention), got {attn_tile}")
-        if attn_tile and dropout > 0:
-            raise ModelError("attn_tile has no attention dropout: use dropout 0 or attn_tile 0")
-        if patch_size < 1 or max_len % patch_size:
-            raise ModelError(
-                f"seq_len (max_len) {max_len} is not a multiple of patch_size {patch_size}: "
-                f"use a seq_len divisible by {patch_size}"
-            )
-        head = type(self.head_options).module
-        if residual and head.residual_refusal:
-            raise ModelError(head.residual_refusal)
-        if patch_size > 1 and head.patch_refusal:
-            raise ModelError(f"{head.patch_refusal} (got {patch_size})")
 
     # ---------------------------------------------------------------- body and scoring
 
@@ -271,48 +230,12 @@ class StereoT5(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            tokens, log_probs = self._decode(input_ids, temperature, generator)
+            self._check_window(input_ids.shape[1])
+            tokens, log_probs = decode(self, input_ids, temperature, generator)
         finally:
             self.train(was_training)
         if self.residual:
             tokens = cumulative_levels(tokens, self.levels)
-        return tokens, log_probs
-
-    def _decode(self, input_ids, temperature, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        body = self.body
-        batch, length = input_ids.shape
-        step = self.patch_size  # samples per decoder position
-        self._check_window(length)
-        enc_in = (
-            self.embed(input_ids) if self.patch is None else self.patch.encoder_inputs(input_ids)
-        )
-        enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
-        dec_cfg = body.decoder.config
-        cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
-        tokens = input_ids.new_full((batch, length), self.pad_id)
-        log_probs = torch.empty((batch, length), device=input_ids.device)
-        pick = self.head.stepper(input_ids, temperature, generator)
-        for start in range(0, length, step):
-            # the decoder input: the step before's tokens (pad at the start)
-            previous = tokens[:, start - step : start] if start else tokens[:, :step]
-            if self.patch is None:
-                emb = self.embed(previous)
-                if self.align_embed is not None:
-                    emb = emb + self.align_embed(input_ids[:, start : start + 1])
-            else:
-                emb = self.patch.decoder_step(previous, input_ids, start // step)
-            out = body.decoder(
-                inputs_embeds=emb, encoder_hidden_states=enc, cache=cache, use_cache=True
-            )
-            cache = out.cache
-            hidden = out.last_hidden_state[:, -1]
-            if self.patch is None:
-                tokens[:, start], log_probs[:, start] = pick(hidden)
-            else:
-                span = slice(start, start + step)
-                tokens[:, span], log_probs[:, span] = self.patch.generate_patch(
-                    hidden, pick, self.pad_id
-                )
         return tokens, log_probs
 
     def _check_window(self, length: int) -> None:
