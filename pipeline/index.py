@@ -158,9 +158,9 @@ def build_index(
         else:
             todo.append((item, item.bytes in shared_size))
     jobs = jobs or os.cpu_count() or 1
-    # Worker processes, not threads: on 2 quiet cores a probe thread beside this one made the
-    # first index slower (0.23 s vs 0.135 s for bench/index_bench.py's tree), soundfile's lock
-    # around sf_open and the GIL serialising most of a probe.
+    # Worker processes, not threads: soundfile's lock around sf_open and the GIL serialise most
+    # of a probe, so a probe thread beside this one made the first index slower, not faster
+    # (docs/benchmarks.md).
     for (item, _), result in map_batches(_inspect_batch, todo, jobs, "index", progress):
         results[item.rel] = result
 

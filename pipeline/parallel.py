@@ -22,7 +22,7 @@ R = TypeVar("R")
 # Below this many items a process pool costs more than it saves.
 MIN_ITEMS_FOR_POOL = 32
 # map_batches starts workers only when more than this much serial work seems left (seconds):
-# about three times what starting and joining a worker costs here (10 ms).
+# about three times what starting and joining a worker costs (docs/benchmarks.md).
 POOL_AFTER_S = 0.03
 
 

@@ -58,7 +58,8 @@ class IndexEntry:
         return self.frames / self.sample_rate
 
     def to_dict(self) -> dict[str, Any]:
-        """Without the optional fields that are empty (asdict is 10x slower on big indexes)."""
+        """Without the optional fields that are empty (``vars``, not ``asdict``: asdict deep-copies
+        every field, which dominates writing a big index; docs/benchmarks.md)."""
         data = dict(vars(self))
         for optional in ("sha256", "header_frames", "aliases"):
             if not data[optional]:

@@ -131,7 +131,7 @@ def _zero_peak_timestamp(path: Path) -> None:
 
 def _convolve(x: np.ndarray, irs: list[np.ndarray]) -> np.ndarray:
     """Row c of x convolved with irs[c], cut to x's length. Overlap-add with FFTs of 4-8x the
-    IR length, which stay in cache: 1.5x faster here than one FFT of the whole track."""
+    IR length, which stay in cache, unlike one FFT of the whole track (docs/benchmarks.md)."""
     taps = max(len(ir) for ir in irs)
     size = 1 << (4 * taps - 1).bit_length()
     hop = size - taps + 1  # > size / 2: a block's tail reaches into the next block only
@@ -159,9 +159,9 @@ def _reverb_ir(rng: np.random.Generator, sr: int) -> np.ndarray:
 
 # Sources. Each draws its parameters up front and returns a function rendering any span of
 # sample indices as a pure function of time (phases are per note, not running sums), so a
-# track renders in cache-sized blocks: ~3x faster here than whole-track arrays. Rendering is
-# float32 after the phase is wrapped in float64: numpy's float32 sin/cos/exp are SIMD
-# (~0.5 ns/sample here, float64 ~12 ns), and float32's 6e-8 error is far below 16-bit (3e-5).
+# track renders in cache-sized blocks, faster than whole-track arrays. Rendering is float32
+# after the phase is wrapped in float64: numpy's float32 sin/cos/exp are SIMD where float64's
+# are not (docs/benchmarks.md), and float32's 6e-8 error is far below 16-bit (3e-5).
 _BLOCK = 8192
 Render = Callable[[np.ndarray], np.ndarray]  # sample indices -> float32 samples
 

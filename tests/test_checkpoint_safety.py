@@ -97,3 +97,22 @@ def test_fit_ckpt_path_refuses_it_and_an_ordinary_resume_goes_through_the_same_r
     last = root / "checkpoints" / "last.ckpt"
     assert [Path(p) for p in read] == [last]
     assert torch.load(last, weights_only=True)["global_step"] == 6
+
+
+def test_a_checkpoint_with_the_flat_head_options_of_earlier_releases_loads_with_them(tmp_path):
+    from trainer.model.heads import LogisticOptions
+    from trainer.model.weights import model_from_checkpoint
+
+    options = LogisticOptions(mixtures=2, order=4, taps=1, refit_every=8, forget=0.9)
+    model = StereoT5(codec="mulaw8", max_len=64, head=options, attn_tile=16, **TINY_MODEL)
+    hparams = {k: v for k, v in dict(model.hparams).items() if k not in ("head", "attn_tile")}
+    flat = dict(head="logistic", mixtures=2, lpc_order=4, lpc_taps=1, lpc_block=8, lpc_forget=0.9)
+    old = {**hparams, **flat, "attn_block": 16, "head_chunk": 256, "log_audio_every": 0}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": old}, path)
+    loaded, data = model_from_checkpoint(path)
+    assert loaded.head_options == options and loaded.hparams.attn_tile == 16 and data == {}
+    batch = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        a, b = model.eval().score(batch, batch), loaded.score(batch, batch)
+    assert torch.equal(a["nll"], b["nll"])

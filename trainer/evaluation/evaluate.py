@@ -24,13 +24,14 @@ import math
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError, run_cli
+from pipeline.errors import run_cli
 from pipeline.fsutil import atomic_write_text
 from pipeline.records import SPLITS, Manifest
 from trainer.data import ShardDataModule
 from trainer.data.batch import DIRECTIONS
 from trainer.data.eval_stream import EvalStream
 from trainer.data.shards import ShardSplit
+from trainer.evaluation import EvaluationError
 from trainer.evaluation.baselines import FLAC_COMPRESSION_LEVEL, level_entropy, snr_from_energies
 from trainer.evaluation.curve import find_metrics_csv, read_curve
 from trainer.evaluation.generation import FIR_CAUSAL, FIR_TAPS, Generated, generated_snr
@@ -73,13 +74,13 @@ def _check_arguments(
     split: str, direction: str, max_chunks: int | None, generate: int, batch_size: int
 ) -> None:
     if split not in SPLITS:
-        raise PipelineError(f"split {split!r}: use one of {', '.join(SPLITS)}")
+        raise EvaluationError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     if direction not in DIRECTIONS:
-        raise PipelineError(f"direction {direction!r}: evaluate takes l2r or r2l")
+        raise EvaluationError(f"direction {direction!r}: evaluate takes l2r or r2l")
     if max_chunks is not None and max_chunks < 1:
-        raise PipelineError(f"max_chunks must be >= 1, got {max_chunks}")
+        raise EvaluationError(f"max_chunks must be >= 1, got {max_chunks}")
     if generate < 0 or batch_size < 1:
-        raise PipelineError("generate must be >= 0 and batch_size >= 1")
+        raise EvaluationError("generate must be >= 0 and batch_size >= 1")
 
 
 def _stream(
@@ -208,7 +209,7 @@ def evaluate(
         The report; ``report.to_json()`` is what report.json holds.
 
     Raises:
-        UserError (PipelineError, ModelError, ...): bad arguments, unreadable shards or
+        UserError (EvaluationError, ModelError, ...): bad arguments, unreadable shards or
             checkpoint, a codec or window the checkpoint was not built for.
     """
     _check_arguments(split, direction, max_chunks, generate, batch_size)
@@ -217,7 +218,7 @@ def evaluate(
     model, model_codec = loaded.model, loaded.codec
     length = resolve_seq_len(loaded, seq_len, codec, manifest.config.chunk_frames)
     if gate and not model_codec.exact:
-        raise PipelineError(
+        raise EvaluationError(
             f"{ckpt}: the gate compares bits with FLAC, which needs a pcm16 checkpoint, not "
             f"{model_codec.name}: drop --gate"
         )

@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from pipeline.audio import AudioReader
 from pipeline.codec import Codec, int16_to_pcm16
-from pipeline.errors import AudioError, PipelineError, run_cli
+from pipeline.errors import AudioError, run_cli
 from pipeline.fsutil import atomic_path
 from trainer.data.batch import DIRECTIONS
 from trainer.data.windows import cover
+from trainer.evaluation import EvaluationError
 from trainer.evaluation.generation import generate_windows
 from trainer.evaluation.loading import (
     add_runtime_options,
@@ -122,14 +123,14 @@ class _TargetChannel:
 def _check_arguments(inp: str | Path, out: Path, direction: str, batch_size: int) -> str:
     """The output's soundfile format, once the arguments are known to be usable."""
     if direction not in DIRECTIONS:
-        raise PipelineError(f"direction {direction!r}: predict takes l2r or r2l")
+        raise EvaluationError(f"direction {direction!r}: predict takes l2r or r2l")
     if batch_size < 1:
-        raise PipelineError(f"batch_size must be >= 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     fmt = _FORMATS.get(out.suffix.lower())
     if fmt is None:
-        raise PipelineError(f"{out}: the output must end in .wav or .flac")
+        raise EvaluationError(f"{out}: the output must end in .wav or .flac")
     if out.exists() and out.resolve() == Path(inp).resolve():
-        raise PipelineError(f"{out}: the output would replace the input; choose another path")
+        raise EvaluationError(f"{out}: the output would replace the input; choose another path")
     return fmt
 
 
@@ -207,7 +208,7 @@ def predict(
             to it, else the file's own rate.
 
     Raises:
-        UserError (PipelineError, AudioError naming `inp`, ModelError): bad arguments, an
+        UserError (EvaluationError, AudioError naming `inp`, ModelError): bad arguments, an
             unreadable input or checkpoint.
     """
     out = Path(out)
@@ -226,7 +227,7 @@ def predict(
     try:
         with AudioReader(inp, "stereo", sample_rate=sample_rate) as reader:
             if reader.frames <= 0:
-                raise PipelineError(f"{inp}: no audio frames to predict from")
+                raise EvaluationError(f"{inp}: no audio frames to predict from")
             rate = reader.sample_rate
             written = _write(reader, out, fmt, src, target, progress)
     except AudioError as exc:
