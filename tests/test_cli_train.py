@@ -87,3 +87,23 @@ def test_patched_config_trains_and_a_window_off_the_patch_fails_first(shard_dir,
     assert exit_info.value.code == 2
     assert "seq_len (max_len) 250 is not a multiple of patch_size 16" in capsys.readouterr().err
     assert not list(other.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (
+            ("--model.head", "{class_path: CoarseFineOptions, init_args: {chunk: 3}}"),
+            "head coarse_fine has no option chunk: its options are none",
+        ),
+        (("--model.d_model", "abc"), 'Parser key "model.d_model": Expected a'),
+        (("--model.no_such_option", "1"), "unrecognized arguments: --model.no_such_option"),
+    ],
+)
+def test_parser_errors_are_one_line_and_exit_2(shard_dir, tmp_path, capsys, extra, says):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(shard_dir, tmp_path, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and says in err, err
+    assert not list(tmp_path.rglob("*.ckpt"))

@@ -87,7 +87,7 @@ class StereoT5(pl.LightningModule):
         feed_forward_proj: str = "gated-gelu",
         relative_attention_num_buckets: int = 32,
         max_len: int = 2048,
-        head: str | HeadOptions = "auto",
+        head: HeadOptions | str = "auto",
         align: bool = False,
         value_embed: bool = True,
         residual: bool = False,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import yaml
+
 from trainer.model.errors import ModelError
 from trainer.model.heads.base import Head, HeadOptions, HeadOutput, Stepper, pick
 from trainer.model.heads.coarse_fine import CoarseFineHead, CoarseFineOptions
@@ -44,6 +46,10 @@ def resolve_head(spec: str | dict[str, Any] | HeadOptions, levels: int) -> HeadO
     ``{"class_path", "init_args"}`` dict, or options as they are."""
     if isinstance(spec, HeadOptions):
         return spec
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        # a class_path dict given on the command line: the parser leaves it a string when its
+        # options do not fit, so check them here, with the head's own message
+        spec = yaml.safe_load(spec)
     if isinstance(spec, str):
         name = spec
         if name == "auto":
