@@ -31,7 +31,7 @@ def smooth_batch(batch: int = 3, length: int = 48, seed: int = 0) -> dict:
 @pytest.mark.parametrize("levels", [256, 65536])
 def test_probabilities_over_all_levels_sum_to_one_and_bits_are_their_log(levels):
     torch.manual_seed(0)
-    head = LogisticHead(16, levels, mixtures=3, order=4, taps=1)
+    head = LogisticHead(16, levels, LogisticOptions(mixtures=3, order=4, taps=1))
     with torch.no_grad():
         head.net[2].weight.normal_(std=0.5)  # a trained-looking, uneven mixture
     states, n_feats = 4, head.net[0].in_features

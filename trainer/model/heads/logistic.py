@@ -83,11 +83,8 @@ class LogisticHead(Head):
     Args:
         d_model: width of the decoder states.
         levels: V; the head's distribution covers levels 0..V-1.
-        mixtures: components of the mixture.
-        order: past target samples the predictor uses.
-        taps: input samples on each side of t the predictor uses (0: input sample t only).
-        refit_every: samples per refit of the predictor (one refit interval).
-        forget: weight per interval of older intervals in the refit (1: all of the window alike).
+        options: mixtures, order, taps, refit_every, forget (``LogisticOptions``; its
+            defaults when None).
     """
 
     patch_refusal = "head logistic predicts one sample per decoder position: set patch_size: 1"
@@ -97,24 +94,15 @@ class LogisticHead(Head):
     )
     extra_names = ("untrained",)
 
-    def __init__(
-        self,
-        d_model: int,
-        levels: int,
-        mixtures: int = 4,
-        order: int = 16,
-        taps: int = 16,
-        refit_every: int = 16,
-        forget: float = 0.8,
-    ) -> None:
+    def __init__(self, d_model: int, levels: int, options: LogisticOptions | None = None) -> None:
         super().__init__()
         if levels < 2:
             raise ModelError(f"head logistic needs >= 2 levels, got {levels}")
-        check_options(mixtures, order, taps, refit_every, forget)
+        options = options or LogisticOptions()
+        mixtures, order, taps = options.mixtures, options.order, options.taps
         self.levels, self.mid = levels, levels // 2
         self.mixtures, self.order, self.taps = mixtures, order, taps
-        self.refit_every = refit_every
-        self.forget = forget
+        self.refit_every, self.forget = options.refit_every, options.forget
         self.unknown_error = levels / 64.0
         fixed = torch.zeros(order + 2 * taps + 1, dtype=torch.float64)
         fixed[0], fixed[1] = 2.0, -1.0
@@ -413,4 +401,4 @@ class LogisticOptions(HeadOptions):
         self.refit_every, self.forget = refit_every, forget
 
     def build(self, width: int, levels: int) -> Head:
-        return LogisticHead(width, levels, **self.init_args())
+        return LogisticHead(width, levels, self)
