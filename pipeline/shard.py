@@ -183,18 +183,18 @@ def _write_shard(job: _ShardJob) -> ShardInfo:
             start = number * job.chunk_frames
             try:
                 path = os.path.join(job.root, rel)
-                block = readers.read(path, start, job.chunk_frames, cap=frames)
-                if block.shape[1] != job.chunk_frames:
-                    raise AudioError(f"decoded {block.shape[1]} of {job.chunk_frames} frames")
+                chunk = readers.read(path, start, job.chunk_frames, cap=frames)
+                if chunk.shape[1] != job.chunk_frames:
+                    raise AudioError(f"decoded {chunk.shape[1]} of {job.chunk_frames} frames")
             except AudioError as exc:
                 errors[rel] = f"{exc} (chunk at frame {start})"
                 failed += 1
                 continue
-            if np.abs(block.astype(np.int32)).max() < job.silence_peak:
+            if np.abs(chunk.astype(np.int32)).max() < job.silence_peak:
                 silent += 1
                 continue
             meta = ChunkMeta(rel, start, job.sample_rate, channels, job.split)
-            payload = npy_header + int16_to_pcm16(block).tobytes()
+            payload = npy_header + int16_to_pcm16(chunk).tobytes()
             writer.add(f"{key}_{number:06d}", {".npy": payload, ".json": meta.to_json()})
     return ShardInfo(job.path, writer.samples, writer.bytes, writer.sha256, silent, failed, errors)
 

@@ -84,8 +84,8 @@ def synth_mixture(rng: np.random.Generator, frames: int, sample_rate: int) -> np
     for kind in kinds:
         render = _SOURCES[kind](rng, frames, sample_rate, beat, root, scale)
         mono = np.empty(frames, dtype=np.float32)
-        for start in range(0, frames, _BLOCK):
-            stop = min(start + _BLOCK, frames)
+        for start in range(0, frames, _RENDER_FRAMES):
+            stop = min(start + _RENDER_FRAMES, frames)
             mono[start:stop] = render(np.arange(start, stop))
         level = 10 ** (rng.uniform(-6.0, 0.0) / 20) / (np.sqrt(np.mean(np.square(mono))) + 1e-12)
         angle = (rng.uniform(-0.7, 0.7) + 1) * np.pi / 4
@@ -134,15 +134,15 @@ def _convolve(x: np.ndarray, irs: list[np.ndarray]) -> np.ndarray:
     IR length, which stay in cache, unlike one FFT of the whole track (docs/benchmarks.md)."""
     taps = max(len(ir) for ir in irs)
     size = 1 << (4 * taps - 1).bit_length()
-    hop = size - taps + 1  # > size / 2: a block's tail reaches into the next block only
+    hop = size - taps + 1  # > size / 2: a segment's tail reaches into the next segment only
     rows, frames = x.shape
-    blocks = -(-frames // hop)
-    padded = np.zeros((rows, blocks * hop), dtype=x.dtype)
+    segments = -(-frames // hop)
+    padded = np.zeros((rows, segments * hop), dtype=x.dtype)
     padded[:, :frames] = x
     kernels = np.stack([np.fft.rfft(ir, size) for ir in irs])[:, None, :]
-    y = np.fft.irfft(np.fft.rfft(padded.reshape(rows, blocks, hop), size) * kernels, size)
-    out = np.zeros((rows, blocks + 1, hop), dtype=x.dtype)
-    out[:, :blocks] += y[:, :, :hop]
+    y = np.fft.irfft(np.fft.rfft(padded.reshape(rows, segments, hop), size) * kernels, size)
+    out = np.zeros((rows, segments + 1, hop), dtype=x.dtype)
+    out[:, :segments] += y[:, :, :hop]
     out[:, 1:, : size - hop] += y[:, :, hop:]
     return out.reshape(rows, -1)[:, :frames]
 
@@ -159,10 +159,10 @@ def _reverb_ir(rng: np.random.Generator, sr: int) -> np.ndarray:
 
 # Sources. Each draws its parameters up front and returns a function rendering any span of
 # sample indices as a pure function of time (phases are per note, not running sums), so a
-# track renders in cache-sized blocks, faster than whole-track arrays. Rendering is float32
+# track renders in cache-sized spans, faster than whole-track arrays. Rendering is float32
 # after the phase is wrapped in float64: numpy's float32 sin/cos/exp are SIMD where float64's
 # are not (docs/benchmarks.md), and float32's 6e-8 error is far below 16-bit (3e-5).
-_BLOCK = 8192
+_RENDER_FRAMES = 8192
 Render = Callable[[np.ndarray], np.ndarray]  # sample indices -> float32 samples
 
 

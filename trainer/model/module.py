@@ -33,7 +33,13 @@ from trainer.model.lora import base_body, wrap_lora
 from trainer.model.metrics import LN2, SumMetrics, energy_sums
 from trainer.model.optim import lr_factor, param_groups, total_steps
 from trainer.model.patched import TwoLevel
-from trainer.model.tokens import cumulative_levels, from_residual, shift_right, to_residual
+from trainer.model.tokens import (
+    check_tokens,
+    cumulative_levels,
+    from_residual,
+    shift_right,
+    to_residual,
+)
 
 
 class Scored(TypedDict):
@@ -224,7 +230,7 @@ class StereoT5(pl.LightningModule):
             tokens [B, L] (0..V-1) and log_probs [B, L] float32: the model's (temperature 1)
             natural-log probability of each chosen token given the tokens before it.
         """
-        self._check_tokens(input_ids, None)
+        check_tokens(self.codec, input_ids, None)
         if self.residual:
             input_ids = to_residual(input_ids, self.levels)
         was_training = self.training
@@ -245,26 +251,13 @@ class StereoT5(pl.LightningModule):
                 f"{self.patch_size}: use a seq_len divisible by it"
             )
 
-    def _check_tokens(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """Out-of-range tokens are a codec mismatch between loader and model: say so."""
-        checks = [("input_ids", input_ids, 0, self.pad_id)]
-        if labels is not None:
-            checks.append(("labels", labels[labels != IGNORE], 0, self.levels - 1))
-        for name, x, lo, hi in checks:
-            if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
-                raise ModelError(
-                    f"{name} hold tokens in {int(x.min())}..{int(x.max())}, outside {lo}..{hi} "
-                    f"of codec {self.codec.name} ({self.levels} levels, pad {self.pad_id}): "
-                    "give the loader the model's codec"
-                )
-
     # ---------------------------------------------------------------- Lightning steps
 
     def _check_batch(self, batch: Batch) -> None:
         # On an accelerator the check is a host sync: do it for the first batch of each
         # fit/validate/test run (a codec mismatch shows there); on CPU for every batch.
         if not self._checked or batch["labels"].device.type == "cpu":
-            self._check_tokens(batch["input_ids"], batch["labels"])
+            check_tokens(self.codec, batch["input_ids"], batch["labels"])
             self._checked = True
 
     def on_train_start(self) -> None:

@@ -1,12 +1,14 @@
-"""Token arithmetic shared by the body and the heads: the decoder's shifted input and the
-residual (difference) coding of levels. Levels are ``0..V-1``, ``V`` is pad and decoder start,
-``IGNORE`` marks label positions that are not scored."""
+"""Token arithmetic shared by the body and the heads: the decoder's shifted input, the
+residual (difference) coding of levels, and the range check of a batch's tokens. Levels are
+``0..V-1``, ``V`` is pad and decoder start, ``IGNORE`` marks label positions not scored."""
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.codec import Codec
 from trainer.data.batch import IGNORE
+from trainer.model.errors import ModelError
 
 
 def shift_right(labels: torch.Tensor, start: int) -> torch.Tensor:
@@ -41,3 +43,18 @@ def cumulative_levels(residuals: torch.Tensor, levels: int) -> torch.Tensor:
     """Generated residuals [B, L] -> levels: V/2 + running sum of (residual - V/2), mod V."""
     mid = levels // 2
     return (mid + torch.cumsum(residuals - mid, 1)) % levels
+
+
+def check_tokens(codec: Codec, input_ids: torch.Tensor, labels: torch.Tensor | None) -> None:
+    """Out-of-range tokens are a codec mismatch between loader and model: say so."""
+    levels = codec.levels
+    checks = [("input_ids", input_ids, 0, levels)]  # V: the pad
+    if labels is not None:
+        checks.append(("labels", labels[labels != IGNORE], 0, levels - 1))
+    for name, x, lo, hi in checks:
+        if x.numel() and (int(x.min()) < lo or int(x.max()) > hi):
+            raise ModelError(
+                f"{name} hold tokens in {int(x.min())}..{int(x.max())}, outside {lo}..{hi} "
+                f"of codec {codec.name} ({levels} levels, pad {levels}): "
+                "give the loader the model's codec"
+            )
