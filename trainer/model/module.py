@@ -25,9 +25,9 @@ from pipeline.codec import Codec, get_codec
 from trainer.data.batch import IGNORE, Batch
 from trainer.model import weights
 from trainer.model.body import body_config, build_body, check_settings
+from trainer.model.decoding import decode
 from trainer.model.embeddings import ValueEmbedding
 from trainer.model.errors import ModelError
-from trainer.model.generation import decode
 from trainer.model.heads import HeadOptions, resolve_head
 from trainer.model.lora import base_body, wrap_lora
 from trainer.model.metrics import LN2, SumMetrics, energy_sums
