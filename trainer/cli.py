@@ -115,14 +115,17 @@ class StereoCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads ``--ckpt_path``'s hyperparameters into the config before anything
-        is built: read the file with ``read_checkpoint`` first, so a refused one is our one
-        line, and let Lightning's own load see the same allow-list."""
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
-            read_checkpoint(path)
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            super()._parse_ckpt_path()
+        is built (``weights_only=True``): give its load the same allow-list, and when it fails,
+        let ``read_checkpoint`` say why in one line (the file is read once when it is fine)."""
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                super()._parse_ckpt_path()
+        except Exception:
+            subcommand = self.config.get("subcommand")
+            path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if path:
+                read_checkpoint(path)
+            raise
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -106,7 +106,6 @@ def load_model(ckpt: str | Path, device: str | None = None) -> LoadedModel:
         kind = "export"
     else:
         model, data = model_from_checkpoint(path)
-        data = dict(data)
         what = (
             "checkpoint's datamodule hyperparameters"
             if data

@@ -65,20 +65,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{path}: holds objects other than weights and plain values, refused unread "
-            f"({first[:160]}); load only checkpoints this trainer wrote"
+            f"({_first_line(exc)}); load only checkpoints this trainer wrote"
         ) from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"{path}: not a readable checkpoint ({first[:160]}); pass a Lightning .ckpt or a "
-            "StereoT5.save_pretrained folder"
+            f"{path}: not a readable checkpoint ({_first_line(exc)}); pass a Lightning .ckpt "
+            "or a StereoT5.save_pretrained folder"
         ) from None
     if not isinstance(ckpt, dict):
         raise ModelError(f"{path}: not a Lightning checkpoint (a {type(ckpt).__name__})")
     return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 160 characters), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def checkpoint_hparams(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:

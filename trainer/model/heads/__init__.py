@@ -49,7 +49,12 @@ def resolve_head(spec: str | dict[str, Any] | HeadOptions, levels: int) -> HeadO
     if isinstance(spec, str) and spec.lstrip().startswith("{"):
         # a class_path dict given on the command line: the parser leaves it a string when its
         # options do not fit, so check them here, with the head's own message
-        spec = yaml.safe_load(spec)
+        try:
+            spec = yaml.safe_load(spec)
+        except yaml.YAMLError:
+            raise ModelError(
+                f"head {spec!r} is not a YAML dict: write {{class_path: X, init_args: {{...}}}}"
+            ) from None
     if isinstance(spec, str):
         name = spec
         if name == "auto":
