@@ -278,3 +278,8 @@ def test_a_set_stored_with_the_old_window_key_loads_and_trains(shard_dir):
     assert config["window"] == 4 and "interleave" not in config  # as before the rename
     batch = next(iter(_module(shard_dir, batch_size=2).train_dataloader()))
     assert batch["input_ids"].shape == (2, SEQ)
+
+
+def test_the_datamodule_tells_its_shards_sample_rate(shard_dir):
+    data = ShardDataModule(str(shard_dir), seq_len=256, num_workers=0)
+    assert data.sample_rate == Manifest.load(shard_dir).config.sample_rate == 16000

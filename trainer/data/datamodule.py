@@ -128,6 +128,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.read_frames = self.augment.read_frames(self.task.window)
         path = Path(manifest)
         self.manifest = Manifest.load(path)
+        self.sample_rate = int(self.manifest.config.sample_rate)  # W&B audio examples play at it
         self.folder = path if path.is_dir() else path.parent
         self.url_prefix = url_prefix or str(self.folder)
         self.direction = parse_direction(direction)
