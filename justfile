@@ -81,3 +81,6 @@ bench-loader *ARGS:
 
 bench-train *ARGS:
     {{python}} bench/train_bench.py {{ARGS}}
+
+bench-speed *ARGS:
+    {{python}} bench/speed_bench.py {{ARGS}}

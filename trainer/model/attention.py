@@ -14,8 +14,6 @@ so the model's causal and padding masks arrive in the same form sdpa gets them.
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -85,7 +83,7 @@ class _Tiled(torch.autograd.Function):
     @staticmethod
     def _tile_scores(ctx, query, key, bias, mask, rows, keys, causal_from):
         if bias is not None:
-            if bias.ndim == 3:  # by offset (offset_bias): expanded one tile at a time
+            if bias.ndim == 3:  # by offset (position_bias.offset_bias): expanded one tile at a time
                 bias = bias[..., _Tiled._offsets(query, key, rows, keys)]
             else:
                 bias = _rows(bias, rows.start, rows.stop)[..., keys]
@@ -162,36 +160,6 @@ def tiled_attention(
         query, key, value, position_bias, attention_mask, causal, scaling, module.config.attn_tile
     )
     return out.transpose(1, 2).contiguous(), None
-
-
-def _offset_bias(
-    self: nn.Module,
-    query_length: int,
-    key_length: int,
-    device: torch.device | None = None,
-    past_seen_tokens: int | torch.Tensor = 0,
-) -> torch.Tensor:
-    """T5Attention.compute_bias by offset: [1, H, Lq + Lk - 1], entry k holding the bias of
-    key j for query row i where j - i = k - (Lq - 1). T5's own [1, H, Lq, Lk] tensor (and its
-    gradient) is O(L^2) per stack; tiled_attention expands this one tile at a time."""
-    device = device if device is not None else self.relative_attention_bias.weight.device
-    seen = int(past_seen_tokens)
-    relative = torch.arange(-(seen + query_length - 1), key_length - seen, device=device)
-    buckets = self._relative_position_bucket(
-        relative,
-        bidirectional=not self.is_decoder,
-        num_buckets=self.relative_attention_num_buckets,
-        max_distance=self.relative_attention_max_distance,
-    )
-    return self.relative_attention_bias(buckets).T.unsqueeze(0)
-
-
-def use_offset_bias(model: nn.Module) -> None:
-    """Make every T5 attention layer that owns the relative position bias build it by offset
-    (only tiled_attention reads that form: call this with attn_tile only)."""
-    for module in model.modules():
-        if getattr(module, "has_relative_attention_bias", False):
-            module.compute_bias = types.MethodType(_offset_bias, module)
 
 
 AttentionInterface.register(TILED, tiled_attention)

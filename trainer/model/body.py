@@ -6,9 +6,10 @@ from typing import Any
 
 from transformers import T5Config, T5Model
 
-from trainer.model.attention import TILED, use_offset_bias
+from trainer.model.attention import TILED
 from trainer.model.errors import ModelError
 from trainer.model.heads import HeadOptions
+from trainer.model.position_bias import use_cached_bias
 
 
 def check_settings(
@@ -60,11 +61,11 @@ def body_config(
 
 
 def build_body(config: T5Config, checkpoint_body: bool) -> T5Model:
-    """The T5Model; with tiled attention its position bias is built by offset, and with
+    """The T5Model; its position bias comes from a bucket table each stack keeps, not from
+    bucketing an L x L matrix per forward (with tiled attention: by offset), and with
     ``checkpoint_body`` every layer is recomputed in backward."""
     body = T5Model(config)
-    if config.attn_tile:
-        use_offset_bias(body)
+    use_cached_bias(body, by_offset=bool(config.attn_tile))
     if checkpoint_body:
         body.gradient_checkpointing_enable({"use_reentrant": False})
     return body
