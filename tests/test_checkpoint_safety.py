@@ -103,7 +103,8 @@ def test_a_checkpoint_with_the_flat_head_options_of_earlier_releases_loads_with_
     from trainer.model.heads import LogisticOptions
     from trainer.model.weights import model_from_checkpoint
 
-    options = LogisticOptions(mixtures=2, order=4, taps=1, refit_every=8, forget=0.9)
+    # what such a release built: no cascade, no learned mixing (options it did not have)
+    options = LogisticOptions(2, 4, 1, 8, 0.9, cascade=[], cascade_mu=[], mix=False)
     model = StereoT5(codec="mulaw8", max_len=64, head=options, attn_tile=16, **TINY_MODEL)
     hparams = {k: v for k, v in dict(model.hparams).items() if k not in ("head", "attn_tile")}
     flat = dict(head="logistic", mixtures=2, lpc_order=4, lpc_taps=1, lpc_block=8, lpc_forget=0.9)

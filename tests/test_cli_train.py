@@ -77,6 +77,23 @@ def test_every_task_config_trains_a_few_steps(shard_dir, tmp_path, task):
     assert last["global_step"] == 2
 
 
+@pytest.mark.parametrize("config", ["cpu", "gpu"])
+def test_the_context_recipes_train_with_the_body_window_inside_the_sequence(
+    shard_dir, tmp_path, config
+):
+    """cpu.yaml and gpu.yaml (here on the CPU, gpu.yaml's bf16 autocast included): the body
+    attends within windows of 64 of each 256-sample sequence, the predictor over all of it."""
+    extra = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.callbacks", "[]"]
+    extra += ["--model.body_window", "64", "--trainer.logger", "false"]
+    extra += ["--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "2"]
+    main(_args(shard_dir, tmp_path, *extra, "--data.init_args.persistent_workers", "false",
+               "--data.init_args.pin_memory", "false", config=config))  # fmt: skip
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 3
+    assert last["hyper_parameters"]["body_window"] == 64
+    assert last["hyper_parameters"]["head"]["init_args"]["cascade"] == [256, 32]
+
+
 def test_patched_config_trains_and_a_window_off_the_patch_fails_first(shard_dir, tmp_path, capsys):
     main(_args(shard_dir, tmp_path, "--trainer.logger", "false", config="tiny_patch"))
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)

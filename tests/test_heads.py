@@ -116,4 +116,4 @@ def test_stored_head_options_round_trip_through_hyperparameters():
     model = tiny(codec="pcm16", head=LogisticOptions(order=6, forget=0.9))
     again = tiny(codec="pcm16", head=model.hparams["head"])
     assert again.head_options == LogisticOptions(order=6, forget=0.9)
-    assert again.head.order == 6 and again.head.forget == 0.9
+    assert again.head.predictor.order == 6 and again.head.predictor.forget == 0.9

@@ -11,6 +11,7 @@ from test_model import fit_one_batch, loader, make_batch, teacher_forced, tiny
 from trainer.model import ModelError, StereoT5
 from trainer.model.heads import LogisticOptions
 from trainer.model.heads.logistic import LogisticHead
+from trainer.model.heads.predictor import Track
 
 LOGISTIC = dict(codec="pcm16", head=LogisticOptions(order=4, taps=2, refit_every=4), align=True)
 
@@ -34,9 +35,11 @@ def test_probabilities_over_all_levels_sum_to_one_and_bits_are_their_log(levels)
     head = LogisticHead(16, levels, LogisticOptions(mixtures=3, order=4, taps=1))
     with torch.no_grad():
         head.net[2].weight.normal_(std=0.5)  # a trained-looking, uneven mixture
-    states, n_feats = 4, head.net[0].in_features
+    states, n_feats = 4, head.predictor.n_features - 1
     hidden = torch.randn(states, 16)
-    lpc = (torch.rand(states, dtype=torch.float64) - 0.5) * levels  # edges included
+    final = (torch.rand(states, dtype=torch.float64) - 0.5) * levels  # edges included
+    # the earlier stages' predictions, which the mixture moves the means towards
+    candidates = final[:, None] + torch.randn(states, head.mixed, dtype=torch.float64) * 100
     feats = torch.cat(
         [
             torch.rand(states, n_feats, dtype=torch.float64) * 3,
@@ -44,8 +47,9 @@ def test_probabilities_over_all_levels_sum_to_one_and_bits_are_their_log(levels)
         ],
         -1,
     )
+    assert head.mixed == 2  # the default cascade has two stages: two earlier predictions
     with torch.no_grad():
-        logits, means, scales = head.mixture(hidden, lpc, feats)
+        logits, means, scales = head.mixture(hidden, Track(final, candidates, feats))
         y = torch.arange(levels, dtype=torch.float64) - levels // 2
         log_p = head.log_prob(
             logits[:, None], means[:, None], scales[:, None], y.expand(states, -1)
@@ -65,8 +69,8 @@ def test_score_bits_are_minus_log2_of_the_head_probability():
     with torch.no_grad():
         scored = teacher_forced(model, batch)
         hidden = model(batch["input_ids"], batch["labels"])
-        lpc, feats = model.head.predictor(batch["labels"], batch["input_ids"])
-        logits, means, scales = model.head.mixture(hidden, lpc, feats)
+        track, _ = model.head.track(batch["labels"], batch["input_ids"])
+        logits, means, scales = model.head.mixture(hidden, track)
     keep = batch["labels"] != -100
     b, t = 0, 17
     level = int(batch["labels"][b, t])
@@ -93,8 +97,8 @@ def test_logistic_head_is_causal_in_the_target():
 def test_logistic_head_starts_as_the_fixed_predictor_and_overfits_one_batch():
     model = tiny(**LOGISTIC, lr=3e-3)
     batch = smooth_batch(length=32)
-    with torch.no_grad():
-        lpc, _ = model.head.predictor(batch["labels"], batch["input_ids"])
+    track, _ = model.head.track(batch["labels"], batch["input_ids"])
+    lpc = track.candidates[..., 0]  # the least-squares stage
     x = batch["labels"][:, :3].double() - 32768
     assert torch.allclose(lpc[:, 2], 2 * x[:, 1] - x[:, 0], atol=1e-3)  # no history yet
     losses = fit_one_batch(model, batch, 60)

@@ -1,6 +1,7 @@
 """Autoregressive decoding with the decoder's KV cache: one position per step (patched: one
 patch per global step, its samples from the local model), the head's stepper choosing each
-sample."""
+sample. With a body window the body starts afresh (encoder, cache) at each window, as in
+teacher forcing, while the head's stepper runs over the whole sequence."""
 
 from __future__ import annotations
 
@@ -25,32 +26,36 @@ def decode(
     batch, length = input_ids.shape
     step = model.patch_size  # samples per decoder position
     patch = model.patch
-    enc_in = model.embed(input_ids) if patch is None else patch.encoder_inputs(input_ids)
-    enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
-    dec_cfg = body.decoder.config
-    cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
+    window = model.body_window or length  # the body attends within windows of this length
     tokens = input_ids.new_full((batch, length), model.pad_id)
     log_probs = torch.empty((batch, length), device=input_ids.device)
     pick = model.head.stepper(input_ids, temperature, generator)
-    for start in range(0, length, step):
-        # the decoder input: the step before's tokens (pad at the start)
-        previous = tokens[:, start - step : start] if start else tokens[:, :step]
-        if model.patch is None:
-            emb = model.embed(previous)
-            if model.align_embed is not None:
-                emb = emb + model.align_embed(input_ids[:, start : start + 1])
-        else:
-            emb = model.patch.decoder_step(previous, input_ids, start // step)
-        out = body.decoder(
-            inputs_embeds=emb, encoder_hidden_states=enc, cache=cache, use_cache=True
-        )
-        cache = out.cache
-        hidden = out.last_hidden_state[:, -1]
-        if model.patch is None:
-            tokens[:, start], log_probs[:, start] = pick(hidden)
-        else:
-            span = slice(start, start + step)
-            tokens[:, span], log_probs[:, span] = model.patch.generate_patch(
-                hidden, pick, model.pad_id
+    dec_cfg = body.decoder.config
+    start_tokens = input_ids.new_full((batch, step), model.pad_id)
+    for first in range(0, length, window):
+        part = input_ids[:, first : first + window]
+        enc_in = model.embed(part) if patch is None else patch.encoder_inputs(part)
+        enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
+        cache = EncoderDecoderCache(DynamicCache(config=dec_cfg), DynamicCache(config=dec_cfg))
+        for start in range(first, min(first + window, length), step):
+            # the decoder input: the step before's tokens (pad at the window's start)
+            previous = tokens[:, start - step : start] if start > first else start_tokens
+            if patch is None:
+                emb = model.embed(previous)
+                if model.align_embed is not None:
+                    emb = emb + model.align_embed(input_ids[:, start : start + 1])
+            else:
+                emb = patch.decoder_step(previous, input_ids, start // step)
+            out = body.decoder(
+                inputs_embeds=emb, encoder_hidden_states=enc, cache=cache, use_cache=True
             )
+            cache = out.cache
+            hidden = out.last_hidden_state[:, -1]
+            if patch is None:
+                tokens[:, start], log_probs[:, start] = pick(hidden)
+            else:
+                span = slice(start, start + step)
+                tokens[:, span], log_probs[:, span] = patch.generate_patch(
+                    hidden, pick, model.pad_id
+                )
     return tokens, log_probs

@@ -18,6 +18,7 @@ from typing import Any, TypedDict
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import T5Model
 
@@ -51,6 +52,8 @@ class Scored(TypedDict):
     pred: torch.Tensor  # [B, L] the head's point prediction, 0..V-1 everywhere
     nll: torch.Tensor  # [B, L] nats, 0 where ignored
     untrained_nll_sum: torch.Tensor | None  # the same head at step 0, when it has that baseline
+    untrained_nll: torch.Tensor | None  # [B, L] its nats per position, 0 where ignored
+    state: Any  # the head's state after the window (None: nothing to carry, see ``score``)
 
 
 class StereoT5(pl.LightningModule):
@@ -63,7 +66,11 @@ class StereoT5(pl.LightningModule):
         codec: codec spec (``pipeline.codec.get_codec``); fixes V = levels.
         d_model, d_ff, num_layers, num_decoder_layers, num_heads, d_kv, dropout,
         relative_attention_num_buckets, feed_forward_proj: the ``T5Config`` fields.
-        max_len: the training window; T5's ``relative_attention_max_distance``.
+        max_len: the training sequence; T5's ``relative_attention_max_distance`` unless
+            ``body_window`` is set.
+        body_window: 0: the body attends over the whole sequence; N > 0: over consecutive
+            windows of N samples (the last one padded), while the head's predictor runs over
+            the whole sequence: context beyond the window at the cost of windows of N.
         head: a head name (``auto``, ``full``, ``chunked``, ``coarse_fine``, ``logistic``) or
             its options (``trainer.model.heads.*Options``: a ``class_path`` with
             ``init_args`` in a config).
@@ -93,6 +100,7 @@ class StereoT5(pl.LightningModule):
         feed_forward_proj: str = "gated-gelu",
         relative_attention_num_buckets: int = 32,
         max_len: int = 2048,
+        body_window: int = 0,
         head: HeadOptions | str = "auto",
         align: bool = False,
         value_embed: bool = True,
@@ -120,10 +128,16 @@ class StereoT5(pl.LightningModule):
         self.head_kind = self.head_options.name
         self.pad_id = levels  # also the decoder start token
         check_settings(self.head_options, dropout, attn_tile, max_len, patch_size, residual)
-        self.patch_size, self.residual = patch_size, residual
+        if body_window < 0 or (body_window and patch_size > 1):
+            raise ModelError(
+                f"body_window {body_window}: use 0 (attend over the whole sequence) or, with "
+                "patch_size 1, a window of N > 0 samples"
+            )
+        self.patch_size, self.residual, self.body_window = patch_size, residual, body_window
         patched = patch_size > 1
         self.config = body_config(
-            levels, max_len, patch_size, attn_tile, dropout, d_model=d_model, d_ff=d_ff,
+            levels, body_window or max_len, patch_size, attn_tile, dropout, d_model=d_model,
+            d_ff=d_ff,
             num_layers=num_layers, num_decoder_layers=num_decoder_layers, num_heads=num_heads,
             d_kv=d_kv, feed_forward_proj=feed_forward_proj,
             relative_attention_num_buckets=relative_attention_num_buckets,
@@ -135,6 +149,10 @@ class StereoT5(pl.LightningModule):
             self.patch = TwoLevel(levels, patch_size, d_model, *local, value_embed, align)
             self.t5.shared.requires_grad_(False)  # a 1-row placeholder: never used
         self.head = self.head_options.build(local_d if patched else d_model, levels)
+        # input samples the head reads past a window's end (its predictor's lookahead), and
+        # whether it has a state worth carrying from one window of a stream to the next
+        self.lookahead: int = getattr(self.head, "lookahead", 0)
+        self.carries_state: bool = self.lookahead > 0
         self.value_embed = ValueEmbedding(levels, d_model) if value_embed and not patched else None
         self.align_embed = nn.Embedding(levels + 1, d_model) if align and not patched else None
         if self.align_embed is not None:
@@ -173,8 +191,18 @@ class StereoT5(pl.LightningModule):
 
     def hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced decoder states [B, L, d] (patched: the local model's [B, L, local_d]):
-        position t has seen labels < t and, with align, input token t (patched: input patch
-        k of its sample)."""
+        position t has seen labels < t of its body window and, with align, input token t
+        (patched: input patch k of its sample)."""
+        window = self.body_window
+        batch, length = labels.shape
+        if window and length > window:
+            pad = -length % window
+            ids = F.pad(input_ids, (0, pad), value=self.pad_id).view(-1, window)
+            out = self._hidden(ids, F.pad(labels, (0, pad), value=IGNORE).view(-1, window))
+            return out.view(batch, length + pad, -1)[:, :length]
+        return self._hidden(input_ids, labels)
+
+    def _hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         body = self.body
         if self.patch is not None:
             self._check_window(labels.shape[1])
@@ -191,12 +219,28 @@ class StereoT5(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._hidden_fn(input_ids, labels)
 
-    def score(self, input_ids: torch.Tensor, labels: torch.Tensor) -> Scored:
-        """Teacher-forced scoring of one batch of windows: the head's NLL is the loss."""
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        state: Any = None,
+        ahead: torch.Tensor | None = None,
+    ) -> Scored:
+        """Teacher-forced scoring of one batch of windows: the head's NLL is the loss.
+
+        ``state`` (what ``score`` returned for the window before, row by row) continues each
+        row's stream; ``ahead`` [B, A] are the input tokens after the window (pad where
+        unknown), which the head reads up to ``lookahead`` of. The returned state is None when
+        the head carries nothing, or the window's length cannot be continued.
+        """
+        length = labels.shape[1]
+        if ahead is not None and self.lookahead:  # the head reads them, the body does not
+            input_ids = torch.cat([input_ids, ahead[:, : self.lookahead]], 1)
         inputs, targets = input_ids, labels
         if self.residual:
             inputs, targets = to_residual(input_ids, self.levels), to_residual(labels, self.levels)
-        out = self.head(self(inputs, targets), targets, inputs)
+        hidden = self(inputs[:, :length], targets)
+        out = self.head(hidden, targets, inputs, state)
         pred = out.prediction
         if self.residual:
             pred = from_residual(pred, shift_right(labels, IGNORE), self.levels)
@@ -209,6 +253,8 @@ class StereoT5(pl.LightningModule):
             pred=pred,
             nll=out.nll,
             untrained_nll_sum=None if untrained is None else untrained.sum(),
+            untrained_nll=untrained,
+            state=out.state,
         )
 
     @torch.no_grad()

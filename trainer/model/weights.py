@@ -53,6 +53,8 @@ _LEGACY_HEAD_KEYS = {
     "lpc_block": "refit_every",
     "lpc_forget": "forget",
 }
+# what a logistic head recorded without these options was: no cascade, no learned mixing
+_BEFORE_CASCADE = {"cascade": [], "cascade_mu": [], "mix": False}
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -95,16 +97,22 @@ def checkpoint_hparams(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def current_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameters as this release names them: private keys dropped, and the flat head
-    options and ``attn_block`` of earlier releases moved to ``head`` and ``attn_tile``."""
+    options and ``attn_block`` of earlier releases moved to ``head`` and ``attn_tile``, and a
+    logistic head recorded before its cascade given the options it had (none)."""
     hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
     legacy = {new: hparams.pop(old) for old, new in _LEGACY_HEAD_KEYS.items() if old in hparams}
     if "attn_block" in hparams:
         hparams["attn_tile"] = hparams.pop("attn_block")
-    if isinstance(hparams.get("head", "auto"), str):
-        options = resolve_head(hparams.get("head", "auto"), get_codec(hparams["codec"]).levels)
-        args = options.init_args()
+    recorded = hparams.get("head", "auto")
+    if isinstance(recorded, str):
+        options = resolve_head(recorded, get_codec(hparams["codec"]).levels)
+        args = {k: v for k, v in options.init_args().items() if k not in _BEFORE_CASCADE}
         args.update({k: v for k, v in legacy.items() if k in args})
-        hparams["head"] = {"class_path": options.to_dict()["class_path"], "init_args": args}
+        recorded = {"class_path": options.to_dict()["class_path"], "init_args": args}
+    if str(recorded.get("class_path", "")).endswith("LogisticOptions"):
+        args = recorded.get("init_args") or {}
+        recorded = {**recorded, "init_args": {**_BEFORE_CASCADE, **args}}
+    hparams["head"] = recorded
     return hparams
 
 
