@@ -1,5 +1,6 @@
-"""Signal baselines for the evaluation (see docs/evaluation.md): FLAC costs, level entropy, SNR,
-and the copy / best-gain / least-squares-FIR predictors of one channel from the other. Pure numpy.
+"""Signal baselines for the evaluation (see docs/evaluation.md): FLAC costs (in memory; the
+external coders are in `coders`), level entropy, SNR, and the copy / best-gain /
+least-squares-FIR predictors of one channel from the other. Pure numpy.
 
 Units: samples are int16 values (or floats in int16 units); SNR is 10 log10(signal energy /
 error energy) with both energies clamped at 1, as the training logs' SNR is, so a perfect int16
@@ -17,7 +18,7 @@ import soundfile as sf
 
 __all__ = [
     "FLAC_COMPRESSION_LEVEL",
-    "FlacCost",
+    "CoderCost",
     "best_gain",
     "copy_snr",
     "fir_apply",
@@ -61,29 +62,34 @@ def flac_bytes(
 
 
 @dataclass(frozen=True)
-class FlacCost:
-    """FLAC file sizes of one or more whole chunks; costs are bits per target sample."""
+class CoderCost:
+    """A lossless coder's file sizes on whole stereo segments; costs are bits per target sample.
+
+    The cost given the input, (stereo - mono input) x 8 / frames, slightly favours a coder that
+    also predicts the input from the target's past: its stereo file saves on the input too.
+    """
 
     stereo_bytes: int
     input_bytes: int
-    target_bytes: int
+    target_bytes: int | None  # the target channel alone; None where not measured
     frames: int
 
     @property
     def given_input(self) -> float:
-        """FLAC's cost of the target given the input: (stereo - mono input) x 8 / frames."""
+        """The coder's cost of the target given the input: (stereo - mono input) x 8 / frames."""
         return (self.stereo_bytes - self.input_bytes) * 8 / max(self.frames, 1)
 
     @property
-    def alone(self) -> float:
-        """FLAC's cost of the target channel on its own: mono target x 8 / frames."""
-        return self.target_bytes * 8 / max(self.frames, 1)
+    def alone(self) -> float | None:
+        """The coder's cost of the target channel on its own: mono target x 8 / frames."""
+        return None if self.target_bytes is None else self.target_bytes * 8 / max(self.frames, 1)
 
-    def __add__(self, other: FlacCost) -> FlacCost:
-        return FlacCost(
+    def __add__(self, other: CoderCost) -> CoderCost:
+        both = self.target_bytes is not None and other.target_bytes is not None
+        return CoderCost(
             self.stereo_bytes + other.stereo_bytes,
             self.input_bytes + other.input_bytes,
-            self.target_bytes + other.target_bytes,
+            self.target_bytes + other.target_bytes if both else None,
             self.frames + other.frames,
         )
 
@@ -93,17 +99,18 @@ def flac_bits(
     sample_rate: int,
     input_channel: int = 0,
     compression_level: float = FLAC_COMPRESSION_LEVEL,
-) -> FlacCost:
-    """FLAC sizes of a whole stereo chunk, of its input channel and of its target channel.
+) -> CoderCost:
+    """FLAC sizes of whole stereo audio, of its input channel and of its target channel.
 
     Args:
-        chunk: int16 `[2, frames]` (left, right) as the shards hold it (minus 32768).
+        chunk: int16 `[2, frames]` (left, right) as the shards hold it (minus 32768): a chunk
+            or a segment of contiguous chunks.
         input_channel: 0 when the left channel predicts the right (l2r), 1 for r2l.
     """
     chunk = np.asarray(chunk)
     if chunk.ndim != 2 or chunk.shape[0] != 2:
         raise ValueError(f"flac_bits needs int16 [2, frames], got shape {chunk.shape}")
-    return FlacCost(
+    return CoderCost(
         stereo_bytes=flac_bytes(chunk.T, sample_rate, compression_level),
         input_bytes=flac_bytes(chunk[input_channel], sample_rate, compression_level),
         target_bytes=flac_bytes(chunk[1 - input_channel], sample_rate, compression_level),

@@ -5,25 +5,29 @@ Two measures of one target channel (the right one for l2r), each next to what a 
 baseline achieves on the same audio:
 
 - Teacher-forced bits per sample over every frame of the split's chunks, scored once
-  (`scoring`), as exact sums: NLL / count / ln 2. Beside it, on the same whole chunks: FLAC's
-  cost of the target given the input ((stereo FLAC - mono FLAC of the input) x 8 / frames), FLAC
-  of the target alone, and the entropy of the target's codec levels. Under mulaw/linear codecs
-  the model's bits are those of a lossy signal and are labelled so.
+  (`scoring`; `--context window|chunk|run`: windows, whole chunks, or runs of chunks with the
+  head's state carried, `runs`), as exact sums, pooled and per source: NLL / count / ln 2.
+  Beside it, on exactly the scored samples as contiguous per-source segments (`segments`,
+  `coders`): FLAC -8, WavPack -hhx6 and Sac --normal's cost of the target given the input
+  ((stereo file - file of the input) x 8 / frames; a missing coder is a skipped row), FLAC of
+  the target alone, and the entropy of the target's codec levels. Under mulaw/linear codecs the
+  model's bits are those of a lossy signal and are labelled so.
 - Generated SNR (`generation`): N windows spread evenly over the split, decoded
   autoregressively (greedy and sampled), against the original int16 target; beside it
   copy-input, best-gain and a 32-tap least-squares FIR fitted on each window itself (an oracle
   bound, not a deployable predictor).
 
-Writes `report.json` (every figure), `report.md` (two small tables) and `report.png`.
+Writes `report.json` (every figure), `report.md` (small tables) and `report.png`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+import time
 from pathlib import Path
 
+from pipeline.codec import Codec
 from pipeline.errors import run_cli
 from pipeline.fsutil import atomic_write_text
 from pipeline.records import SPLITS, Manifest
@@ -31,10 +35,11 @@ from trainer.data import ShardDataModule
 from trainer.data.batch import DIRECTIONS
 from trainer.data.eval_stream import EvalStream
 from trainer.data.shards import ShardSplit
-from trainer.evaluation import EvaluationError
-from trainer.evaluation.baselines import FLAC_COMPRESSION_LEVEL, level_entropy, snr_from_energies
+from trainer.evaluation import EvaluationError, summary
+from trainer.evaluation.baselines import FLAC_COMPRESSION_LEVEL
+from trainer.evaluation.coders import measure_coders
 from trainer.evaluation.curve import find_metrics_csv, read_curve
-from trainer.evaluation.generation import FIR_CAUSAL, FIR_TAPS, Generated, generated_snr
+from trainer.evaluation.generation import FIR_CAUSAL, FIR_TAPS, generated_snr
 from trainer.evaluation.loading import (
     LoadedModel,
     add_runtime_options,
@@ -44,24 +49,20 @@ from trainer.evaluation.loading import (
 )
 from trainer.evaluation.plot import plot_report
 from trainer.evaluation.report import (
+    CONTEXTS,
     REPORT_FORMAT,
-    Bits,
-    Counts,
     GeneratedWindow,
-    ModelInfo,
     Report,
     ReportFiles,
     RunConfig,
-    TeacherForced,
-    Timing,
     learning_checks,
     render_markdown,
 )
-from trainer.evaluation.scoring import SplitScore, limit_chunks, score_split
+from trainer.evaluation.runs import score_runs
+from trainer.evaluation.scoring import SplitScore, limit_chunks, pick_windows, score_split
+from trainer.model import StereoT5
 
 __all__ = ["default_out", "evaluate", "main"]
-
-LN2 = math.log(2.0)
 
 
 def default_out(ckpt: str | Path, split: str) -> Path:
@@ -71,16 +72,43 @@ def default_out(ckpt: str | Path, split: str) -> Path:
 
 
 def _check_arguments(
-    split: str, direction: str, max_chunks: int | None, generate: int, batch_size: int
+    split: str,
+    direction: str,
+    context: str,
+    max_chunks: int | None,
+    generate: int,
+    batch_size: int,
 ) -> None:
     if split not in SPLITS:
         raise EvaluationError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     if direction not in DIRECTIONS:
         raise EvaluationError(f"direction {direction!r}: evaluate takes l2r or r2l")
+    if context not in CONTEXTS:
+        raise EvaluationError(f"context {context!r}: use one of {', '.join(CONTEXTS)}")
     if max_chunks is not None and max_chunks < 1:
         raise EvaluationError(f"max_chunks must be >= 1, got {max_chunks}")
     if generate < 0 or batch_size < 1:
         raise EvaluationError("generate must be >= 0 and batch_size >= 1")
+
+
+def _check_context(loaded: LoadedModel, context: str, chunk_frames: int) -> None:
+    """Refuse, before any scoring, a context the model cannot score: `run` without a state to
+    carry, and whole chunks through a body that would attend over all of one (its attention is
+    O(L^2): a 32768-frame chunk takes tens of GB) beyond the max_len it was built for."""
+    model = loaded.model
+    if context == "run" and not model.carries_state:
+        raise EvaluationError(
+            f"{loaded.path}: --context run carries the head's state from chunk to chunk and "
+            f"this model's {model.head_kind} head carries none: use --context window or chunk"
+        )
+    span = model.body_window or chunk_frames  # what the body attends over at once
+    if context != "window" and span > loaded.max_len:
+        raise EvaluationError(
+            f"{loaded.path}: --context {context} scores whole chunks of {chunk_frames} frames "
+            f"through a body that attends over {span} at once (body_window "
+            f"{model.body_window}), above its max_len {loaded.max_len}: use --context window, "
+            f"or a model trained with --model.body_window {loaded.max_len} or less"
+        )
 
 
 def _stream(
@@ -113,66 +141,26 @@ def _stream(
     )
 
 
-def _model_info(loaded: LoadedModel) -> ModelInfo:
-    model = loaded.model
-    return ModelInfo(
-        head=model.head_kind,
-        patch_size=model.patch_size,
-        max_len=loaded.max_len,
-        parameters=sum(p.numel() for p in model.parameters()),
-        train_sample_rate=loaded.sample_rate,
-        train_sample_rate_source=loaded.sample_rate_source,
-        train_seq_len=loaded.train_seq_len,
-        hparams={k: v for k, v in model.hparams.items() if not k.startswith("_")},
-    )
-
-
-def _bits(scored: SplitScore) -> Bits:
-    count = max(scored.count, 1)
-    untrained = scored.untrained_nll
-    return Bits(
-        model=scored.nll / count / LN2,
-        model_untrained=None if untrained is None else untrained / count / LN2,
-        flac_given_input=scored.flac.given_input,
-        flac_target_alone=scored.flac.alone,
-        level_entropy=level_entropy(scored.levels),
-    )
-
-
-def _counts(stream: EvalStream, scored: SplitScore, length: int) -> Counts:
-    return Counts(
-        shards=len(stream.split.samples),
-        chunks=scored.chunks,
-        chunk_frames=stream.split.chunk_frames,
-        windows=scored.windows,
-        samples_scored=scored.count,
-        generated_windows=len(scored.picked),
-        generated_samples=len(scored.picked) * length,
-    )
-
-
-def _teacher_forced(scored: SplitScore) -> TeacherForced:
-    return TeacherForced(
-        nll_nats=scored.nll,
-        count=scored.count,
-        accuracy=scored.correct / max(scored.count, 1),
-        snr_db=snr_from_energies(scored.tf_signal, scored.tf_error),
-    )
-
-
-def _timing(scored: SplitScore, gen: Generated) -> Timing:
-    return Timing(
-        score_s=scored.seconds,
-        score_samples_per_s=scored.count / scored.seconds if scored.seconds else None,
-        generate_s=gen.seconds,
-        generate_samples_per_s=gen.samples_per_s,
-    )
+def _score(
+    model: StereoT5,
+    stream: EvalStream,
+    codec: Codec,
+    context: str,
+    direction: int,
+    progress: bool,
+) -> SplitScore:
+    """The teacher-forced pass under `context` (the stream's windows are whole chunks unless
+    `window`; `run` reads the stream's chunks itself)."""
+    if context == "run":
+        return score_runs(model, stream.split, codec, direction, stream.batch_size, progress)
+    return score_split(model, stream, codec, direction, progress)
 
 
 def evaluate(
     ckpt: str | Path,
     shards: str | Path,
     split: str = "test",
+    context: str = "window",
     max_chunks: int | None = None,
     generate: int = 8,
     out: str | Path | None = None,
@@ -192,13 +180,17 @@ def evaluate(
         ckpt: a Lightning ``.ckpt`` of StereoT5 or a ``save_pretrained`` folder.
         shards: a shard set's folder or its manifest.json.
         split: ``train``, ``val`` or ``test``.
+        context: what one scoring call sees: ``window`` (windows of ``seq_len``), ``chunk``
+            (a whole chunk) or ``run`` (a chunk, the head's state carried from the chunk
+            before in the same source; refused for a head that carries none).
         max_chunks: score only the first N chunks of the split (manifest order); all if None.
         generate: windows decoded autoregressively for the SNR rows (0: none).
         out: output folder (default ``<checkpoint's folder>/eval-<split>``).
         temperature: of the sampled generation (<= 0: no sampled row).
         seed: of the sampled generation.
         batch_size: windows per forward pass (scoring and generation).
-        seq_len: window length (default: the training window, at most max_len and a chunk).
+        seq_len: window length of scoring under ``window`` and of generation (default: the
+            training window, at most max_len and a chunk).
         direction: ``l2r`` (target = right) or ``r2l``.
         codec: only checked: it must be the checkpoint's codec.
         device: torch device (default: cuda if available, else cpu).
@@ -212,30 +204,37 @@ def evaluate(
         UserError (EvaluationError, ModelError, ...): bad arguments, unreadable shards or
             checkpoint, a codec or window the checkpoint was not built for.
     """
-    _check_arguments(split, direction, max_chunks, generate, batch_size)
+    _check_arguments(split, direction, context, max_chunks, generate, batch_size)
     manifest = Manifest.load(Path(shards))
+    chunk_frames = manifest.config.chunk_frames
     loaded = load_model(ckpt, device)
     model, model_codec = loaded.model, loaded.codec
-    length = resolve_seq_len(loaded, seq_len, codec, manifest.config.chunk_frames)
+    length = resolve_seq_len(loaded, seq_len, codec, chunk_frames)
     if gate and not model_codec.exact:
         raise EvaluationError(
             f"{ckpt}: the gate compares bits with FLAC, which needs a pcm16 checkpoint, not "
             f"{model_codec.name}: drop --gate"
         )
+    _check_context(loaded, context, chunk_frames)
     warnings = []
     rate = int(manifest.config.sample_rate)
     if loaded.sample_rate is not None and loaded.sample_rate != rate:
         warnings.append(
             f"the model was trained on {loaded.sample_rate} Hz shards, these are {rate} Hz"
         )
-    stream = _stream(shards, split, length, batch_size, model_codec.name, direction, max_chunks)
+    score_len = length if context == "window" else chunk_frames
+    stream = _stream(shards, split, score_len, batch_size, model_codec.name, direction, max_chunks)
     d = DIRECTIONS[direction]
-    scored = score_split(model, stream, model_codec, rate, d, generate, progress)
-    gen = generated_snr(model, scored.picked, model_codec, d, batch_size, temperature, seed)
+    scored = _score(model, stream, model_codec, context, d, progress)
+    started = time.perf_counter()
+    coders = measure_coders(scored.segments, rate, d)
+    coders_s = time.perf_counter() - started
+    picked, picked_meta = pick_windows(scored.pieces, length, generate)
+    gen = generated_snr(model, picked, model_codec, d, batch_size, temperature, seed)
     out_dir = Path(out) if out is not None else default_out(loaded.path, split)
     metrics_csv = find_metrics_csv(loaded.path)
     exact = model_codec.exact
-    bits = _bits(scored)
+    bits = summary.bits(scored, coders)
     files = ReportFiles(*(str(out_dir / f"report.{name}") for name in ("json", "md", "png")))
     report = Report(
         format=REPORT_FORMAT,
@@ -248,9 +247,11 @@ def evaluate(
         bits_comparable_to_flac=exact,
         direction=direction,
         sample_rate=rate,
-        model=_model_info(loaded),
+        model=summary.model_info(loaded),
         config=RunConfig(
             max_chunks=max_chunks,
+            context=context,
+            score_len=score_len,
             generate=generate,
             temperature=temperature,
             seed=seed,
@@ -262,17 +263,18 @@ def evaluate(
             fir_causal=FIR_CAUSAL,
             snr_truth="original int16 target",
         ),
-        counts=_counts(stream, scored, length),
+        counts=summary.counts(stream, scored, len(picked), length),
         bits_per_sample=bits,
         checks=learning_checks(bits, exact),
-        teacher_forced=_teacher_forced(scored),
-        flac=scored.flac,
+        per_source=summary.per_source(scored, coders),
+        coders=coders,
+        teacher_forced=summary.teacher_forced(scored),
         snr_db=gen.snr_db,
         snr_db_per_window=gen.per_window,
         best_gains=gen.gains,
-        generated_windows=[GeneratedWindow(s, int(t)) for s, t in scored.picked_meta],
+        generated_windows=[GeneratedWindow(s, int(t)) for s, t in picked_meta],
         training_curve=str(metrics_csv) if metrics_csv else None,
-        timing=_timing(scored, gen),
+        timing=summary.timing(scored, coders_s, gen),
         warnings=warnings,
         files=files,
     )
@@ -293,6 +295,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt or save_pretrained folder")
     parser.add_argument("--shards", required=True, help="shard set folder (or its manifest.json)")
     parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument(
+        "--context",
+        default="window",
+        choices=CONTEXTS,
+        help="what one scoring call sees: a window of --seq-len, a whole chunk, or a chunk with "
+        "the head's state carried from the one before in its source (default: window)",
+    )
     parser.add_argument("--max-chunks", type=int, default=None, help="first N chunks only")
     parser.add_argument("--generate", type=int, default=8, help="windows to generate (0: none)")
     parser.add_argument(
@@ -319,6 +328,7 @@ def _run(args: argparse.Namespace) -> int:
         args.ckpt,
         args.shards,
         split=args.split,
+        context=args.context,
         max_chunks=args.max_chunks,
         generate=args.generate,
         out=args.out,

@@ -33,12 +33,14 @@ def _spectrogram(x: np.ndarray, nfft: int) -> np.ndarray:
 
 
 def _bits_bars(fig: Figure, cell: SubplotSpec, report: Report) -> None:
-    bits = report.bits_per_sample
+    bits, given = report.bits_per_sample, report.bits_per_sample.given_input
     ax = fig.add_subplot(cell)
     rows = [
         ("model", bits.model, "tab:blue"),
         ("untrained", bits.model_untrained, "tab:cyan"),
-        ("FLAC |\ninput", bits.flac_given_input, "tab:orange"),
+        ("FLAC |\ninput", given.flac, "tab:orange"),
+        ("WavPack |\ninput", given.wavpack, "tab:olive"),
+        ("Sac |\ninput", given.sac, "tab:green"),
         ("FLAC\nalone", bits.flac_target_alone, "tab:red"),
         ("level\nentropy", bits.level_entropy, "tab:gray"),
     ]

@@ -8,13 +8,17 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Generic, TypeVar
 
-from trainer.evaluation.baselines import FlacCost
+from trainer.evaluation.baselines import CoderCost
 
 __all__ = [
+    "CODERS",
+    "CONTEXTS",
     "METHODS",
     "REPORT_FORMAT",
     "Bits",
     "Check",
+    "CoderRow",
+    "CoderRows",
     "Counts",
     "GeneratedWindow",
     "ModelInfo",
@@ -22,14 +26,43 @@ __all__ = [
     "ReportFiles",
     "RunConfig",
     "SnrRows",
+    "SourceBits",
     "TeacherForced",
     "Timing",
     "learning_checks",
     "render_markdown",
 ]
 
-REPORT_FORMAT = "stereo-eval/1"
+REPORT_FORMAT = "stereo-eval/2"
 T = TypeVar("T")
+# what one scoring call sees (docs/evaluation.md): a window of --seq-len, a whole chunk, or a
+# chunk of a contiguous run with the head's state carried from the chunk before
+CONTEXTS = ("window", "chunk", "run")
+
+
+@dataclass(frozen=True)
+class CoderRows(Generic[T]):
+    """One value per lossless coder, each run on the scored samples as per-source segments."""
+
+    flac: T
+    wavpack: T
+    sac: T
+
+
+CODERS = tuple(f.name for f in fields(CoderRows))
+
+
+@dataclass(frozen=True)
+class CoderRow:
+    """One coder on the scored segments: its sizes pooled and per source, or why it was not
+    run (its binary is not on PATH, or it failed)."""
+
+    label: str  # as the tables name it: "WavPack -hhx6"
+    command: str
+    version: str | None
+    skipped: str | None
+    cost: CoderCost | None  # pooled over every segment; None when skipped
+    per_source: dict[str, CoderCost]
 
 
 @dataclass(frozen=True)
@@ -38,9 +71,21 @@ class Bits:
 
     model: float
     model_untrained: float | None  # the same head's parameter-free baseline, if it has one
-    flac_given_input: float
+    given_input: CoderRows[float | None]  # each coder's cost of the target given the input
     flac_target_alone: float
     level_entropy: float
+
+
+@dataclass(frozen=True)
+class SourceBits:
+    """The bits of one source (track): the model's, its untrained head's and each coder's."""
+
+    source: str
+    segments: int
+    frames: int
+    model: float
+    model_untrained: float | None
+    given_input: CoderRows[float | None]
 
 
 @dataclass(frozen=True)
@@ -82,11 +127,13 @@ class ModelInfo:
 @dataclass(frozen=True)
 class RunConfig:
     max_chunks: int | None
+    context: str  # one of CONTEXTS
+    score_len: int  # frames per scoring call: seq_len (window) or chunk_frames (chunk, run)
     generate: int
     temperature: float
     seed: int
     batch_size: int
-    seq_len: int
+    seq_len: int  # the window: of scoring under `window`, of generation always
     device: str
     flac_compression_level: float
     fir_taps: int
@@ -99,7 +146,8 @@ class Counts:
     shards: int
     chunks: int
     chunk_frames: int
-    windows: int
+    segments: int  # contiguous runs of chunks of one source (what the coders code)
+    windows: int  # rows scored: windows (window), chunks (chunk, run)
     samples_scored: int
     generated_windows: int
     generated_samples: int
@@ -123,6 +171,7 @@ class GeneratedWindow:
 class Timing:
     score_s: float
     score_samples_per_s: float | None
+    coders_s: float
     generate_s: float
     generate_samples_per_s: float | None
 
@@ -153,8 +202,9 @@ class Report:
     counts: Counts
     bits_per_sample: Bits
     checks: list[Check]
+    per_source: list[SourceBits]
+    coders: CoderRows[CoderRow]
     teacher_forced: TeacherForced
-    flac: FlacCost
     snr_db: SnrRows[float | None]
     snr_db_per_window: SnrRows[list[float]]
     best_gains: list[float]
@@ -199,8 +249,13 @@ def _model_kind(model: ModelInfo) -> str:
     return f"{kind}, {model.head} head, {model.parameters / 1e6:.2f} M parameters"
 
 
+def _coder_value(report: Report, key: str, value: float | None) -> str:
+    skipped = getattr(report.coders, key).skipped
+    return f"skipped: {skipped}" if skipped else _fmt(value, 3)
+
+
 def _bits_table(report: Report) -> list[str]:
-    bits, codec = report.bits_per_sample, report.codec
+    bits, codec, coders = report.bits_per_sample, report.codec, report.coders
     if report.bits_comparable_to_flac:
         model_row = "model (teacher-forced)"
     else:
@@ -217,10 +272,64 @@ def _bits_table(report: Report) -> list[str]:
         "|---|---:|",
         f"| {model_row} | {_fmt(bits.model, 3)} |",
         *untrained_row,
-        f"| FLAC of target given input | {_fmt(bits.flac_given_input, 3)} |",
-        f"| FLAC of target alone | {_fmt(bits.flac_target_alone, 3)} |",
+        *(
+            f"| {getattr(coders, key).label} of target given input "
+            f"| {_coder_value(report, key, getattr(bits.given_input, key))} |"
+            for key in CODERS
+        ),
+        f"| {coders.flac.label} of target alone | {_fmt(bits.flac_target_alone, 3)} |",
         f"| level entropy of target ({codec}) | {_fmt(bits.level_entropy, 3)} |",
     ]
+
+
+def _source_table(report: Report) -> list[str]:
+    """Bits per sample per source (track), then pooled: the model beside each coder."""
+    bits, counts = report.bits_per_sample, report.counts
+    labels = [getattr(report.coders, key).label for key in CODERS]
+    rows = [
+        (s.source, s.frames, s.segments, s.model, s.model_untrained, s.given_input)
+        for s in report.per_source
+    ]
+    pooled = (bits.model, bits.model_untrained, bits.given_input)
+    rows.append(("all (pooled)", counts.samples_scored, counts.segments, *pooled))
+    return [
+        f"| source | frames | segments | model | untrained | {' | '.join(labels)} |",
+        f"|---|---:|---:|---:|---:|{'---:|' * len(labels)}",
+        *(
+            f"| {source} | {frames} | {segments} | {_fmt(model, 3)} | {_fmt(untrained, 3)} | "
+            + " | ".join(_fmt(getattr(given, key), 3) for key in CODERS)
+            + " |"
+            for source, frames, segments, model, untrained, given in rows
+        ),
+    ]
+
+
+def _context(report: Report) -> str:
+    cfg, counts = report.config, report.counts
+    if cfg.context == "window":
+        return f"context window: windows of {cfg.seq_len}, each scored on its own"
+    if cfg.context == "chunk":
+        return f"context chunk: each chunk of {counts.chunk_frames} scored whole in one call"
+    return (
+        f"context run: {counts.segments} contiguous runs of one source's chunks, scored chunk "
+        "after chunk with the head's state carried"
+    )
+
+
+def _coders_note(report: Report) -> str:
+    level = report.config.flac_compression_level
+    versions = "; ".join(
+        f"{row.label}: {row.version or 'version unknown'}"
+        for row in (getattr(report.coders, key) for key in CODERS)
+        if not row.skipped
+    )
+    return (
+        f"Coders: on exactly the scored samples, as {report.counts.segments} contiguous "
+        "per-source segments, never chunk by chunk. A coder's cost of the target given the "
+        "input is (its stereo file - its file of the input alone) x 8 / frames, which slightly "
+        "favours coders that also predict the input from the target's past. FLAC: libsndfile "
+        f"compression level {level:g} (FLAC preset {round(8 * level)}). {versions}."
+    )
 
 
 def _snr_table(report: Report) -> list[str]:
@@ -245,9 +354,8 @@ def _snr_table(report: Report) -> list[str]:
 
 
 def render_markdown(report: Report) -> str:
-    """The two tables of report.md, readable in ten seconds."""
-    counts, cfg = report.counts, report.config
-    level = cfg.flac_compression_level
+    """The tables of report.md, readable in ten seconds: bits, bits per source, SNR."""
+    counts = report.counts
     lines = [
         f"# Evaluation: {report.split} split",
         "",
@@ -255,7 +363,8 @@ def render_markdown(report: Report) -> str:
         f"- shards: `{report.shards}`",
         f"- codec {report.codec}, direction {report.direction}, {report.sample_rate} Hz, "
         f"{counts.chunks} chunks x {counts.chunk_frames} frames "
-        f"({counts.samples_scored} target samples scored), windows of {cfg.seq_len}",
+        f"({counts.samples_scored} target samples scored)",
+        f"- {_context(report)}",
         "",
         *_bits_table(report),
         "",
@@ -264,11 +373,12 @@ def render_markdown(report: Report) -> str:
             for c in report.checks
         ),
         *([""] if report.checks else []),
+        *_source_table(report),
+        "",
         *_snr_table(report),
         "",
-        f"FLAC: whole chunks, libsndfile compression level {level:g} (FLAC preset "
-        f"{round(8 * level)}). SNR: against the original 16-bit target, energies summed over "
-        "windows.",
+        _coders_note(report),
+        "SNR: against the original 16-bit target, energies summed over windows.",
     ]
     lines += [f"\nwarning: {w}" for w in report.warnings]
     return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
-"""The teacher-forced pass: every frame of a split's chunks scored once (the EvalStream's windows
-and masks) as exact sums, with, on the same whole chunks, FLAC's cost of the target and the
-histogram of its codec levels; it also keeps the windows picked for generation. See
-docs/evaluation.md."""
+"""The teacher-forced pass: every frame of a split's chunks scored once, as exact sums pooled and
+per source (`Sums`), keeping the scored chunks themselves so that the coders code exactly those
+samples (`segments`, `coders`). `score_split` scores the eval stream's windows (`--context
+window`, or whole chunks under `chunk`); `runs.score_runs` carries the head's state over runs of
+chunks. See docs/evaluation.md."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,29 +17,99 @@ from tqdm import tqdm
 from pipeline.codec import Codec, pcm16_to_int16
 from trainer.data.batch import IGNORE, tokenize
 from trainer.data.eval_stream import EvalStream
-from trainer.evaluation.baselines import FlacCost, flac_bits
-from trainer.model import StereoT5
+from trainer.data.windows import eval_windows
+from trainer.evaluation.segments import Piece, Segment, join_chunks
+from trainer.model import Scored, StereoT5
 
-__all__ = ["SplitScore", "limit_chunks", "score_split"]
+__all__ = [
+    "SourceSums",
+    "SplitScore",
+    "Sums",
+    "limit_chunks",
+    "pick_windows",
+    "score_split",
+    "split_score",
+]
+
+
+@dataclass
+class SourceSums:
+    """The model's sums over one source's scored frames."""
+
+    nll: float = 0.0
+    untrained_nll: float | None = None  # None while the model returns no per-position baseline
+    count: int = 0
+
+
+class Sums:
+    """Exact sums of a teacher-forced pass (nats, counts, int16 energies, the target's level
+    histogram), pooled and per source, added batch by batch whatever the context."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.nll = self.tf_signal = self.tf_error = 0.0
+        self.untrained_nll: float | None = None  # the head's parameter-free baseline, if any
+        self.count = self.correct = 0
+        self.levels = torch.zeros(codec.levels, dtype=torch.int64)
+        self.per_source: dict[str, SourceSums] = {}
+        self._int16_of_token = torch.as_tensor(codec.decode_table().astype(np.int64) - 32768)
+
+    def add(
+        self, scored: Scored, labels: torch.Tensor, targets: np.ndarray, sources: Sequence[str]
+    ) -> None:
+        """One scored batch: `labels` [B, L] (CPU, IGNORE where not scored), `targets` the
+        uint16 target samples [B, L], `sources` the source of each row."""
+        self.nll += float(scored["nll_sum"])
+        if scored["untrained_nll_sum"] is not None:
+            self.untrained_nll = (self.untrained_nll or 0.0) + float(scored["untrained_nll_sum"])
+        self.count += int(scored["count"])
+        self.correct += int(scored["correct"])
+        keep = labels != IGNORE
+        self.levels += torch.bincount(labels[keep], minlength=len(self.levels))
+        # teacher-forced argmax against the original int16 target (not its codec round trip)
+        target = torch.from_numpy(pcm16_to_int16(targets)).double()
+        pred = self._int16_of_token[scored["pred"].cpu()].double()
+        self.tf_signal += float(torch.where(keep, target.square(), 0.0).sum())
+        self.tf_error += float(torch.where(keep, (target - pred).square(), 0.0).sum())
+        untrained = scored.get("untrained_nll")  # per position, when the model returns it
+        row_nll = scored["nll"].double().sum(dim=1).cpu().tolist()
+        row_untrained = None if untrained is None else untrained.double().sum(dim=1).cpu().tolist()
+        for row, (source, count) in enumerate(zip(sources, keep.sum(dim=1).tolist(), strict=True)):
+            if count == 0:
+                continue  # a padding row
+            sums = self.per_source.setdefault(source, SourceSums())
+            sums.nll += row_nll[row]
+            sums.count += count
+            if row_untrained is not None:
+                sums.untrained_nll = (sums.untrained_nll or 0.0) + row_untrained[row]
 
 
 @dataclass
 class SplitScore:
-    """Exact sums over the split (nats, counts, int16 energies) and what was kept for later."""
+    """A scored split: its sums, the scored chunks (manifest order) and their segments."""
 
-    nll: float
-    untrained_nll: float | None  # the head's parameter-free baseline; None if it has none
-    count: int
-    correct: int
-    tf_signal: float  # energy of the int16 target, scored positions
-    tf_error: float  # energy of target - teacher-forced argmax, same positions
-    levels: np.ndarray  # histogram of target tokens
-    flac: FlacCost
-    chunks: int
-    windows: int
-    picked: list[np.ndarray]  # uint16 [2, L] windows (input, target channel) to generate
-    picked_meta: list[tuple[str, int]]  # (source, start) of each picked window
+    sums: Sums
+    pieces: list[Piece]
+    segments: list[Segment]
+    windows: int  # rows scored: windows, or whole chunks under --context chunk and run
     seconds: float
+
+    @property
+    def chunks(self) -> int:
+        return len(self.pieces)
+
+
+def split_score(
+    sums: Sums, pieces: list[Piece], segments: list[Segment], windows: int, started: float
+) -> SplitScore:
+    """The pass's result, once every frame of every scored chunk is known to be scored once."""
+    frames = sum(piece.samples.shape[1] for piece in pieces)
+    assert sums.count == frames, "every frame of every chunk is scored once"
+    per_source = {source: s.count for source, s in sums.per_source.items()}
+    coded: dict[str, int] = {}
+    for segment in segments:
+        coded[segment.source] = coded.get(segment.source, 0) + segment.frames
+    assert per_source == coded, "the coders code exactly the frames scored, per source"
+    return SplitScore(sums, pieces, segments, windows, time.perf_counter() - started)
 
 
 def limit_chunks(samples: list[int], max_chunks: int | None) -> list[int]:
@@ -54,35 +126,35 @@ def limit_chunks(samples: list[int], max_chunks: int | None) -> list[int]:
     return out
 
 
-def score_split(
-    model: StereoT5,
-    stream: EvalStream,
-    codec: Codec,
-    sample_rate: int,
-    direction: int,
-    generate: int,
-    progress: bool,
-) -> SplitScore:
-    """Score every window of `stream` once; pick `generate` windows spread evenly over it.
+def pick_windows(
+    pieces: Sequence[Piece], length: int, count: int
+) -> tuple[list[np.ndarray], list[tuple[str, int]]]:
+    """`count` windows of `length` spread evenly over the pieces' eval windows (manifest order):
+    uint16 [2, L] (left, right) each, and its (source, start)."""
+    if not pieces:
+        return [], []
+    starts, _ = eval_windows(pieces[0].samples.shape[1], length)
+    total = len(pieces) * len(starts)
+    picked = sorted(set(np.linspace(0, total - 1, min(count, total)).round().astype(int)))
+    windows, meta = [], []
+    for number in picked:
+        piece, start = pieces[number // len(starts)], int(starts[number % len(starts)])
+        windows.append(piece.samples[:, start : start + length].copy())
+        meta.append((piece.source, piece.start + start))
+    return windows, meta
 
-    `direction` is the input channel (0: l2r). Each chunk is put together again from its windows
-    so that FLAC is measured on whole chunks, as a file would be compressed.
-    """
+
+def score_split(
+    model: StereoT5, stream: EvalStream, codec: Codec, direction: int, progress: bool
+) -> SplitScore:
+    """Score every window of `stream` once (`direction` is the input channel, 0: l2r), putting
+    each chunk together again from its windows: the coders code exactly what was scored."""
     device = next(model.parameters()).device
     per_chunk, length = len(stream.starts), stream.seq_len
-    total_windows = sum(stream.split.samples) * per_chunk
-    picks = min(generate, total_windows)
-    pick = set(np.linspace(0, total_windows - 1, picks).round().astype(int).tolist())
-    nll = tf_signal = tf_error = 0.0
-    untrained_nll: float | None = None
-    count = correct = window = chunks = 0
-    hist = torch.zeros(codec.levels, dtype=torch.int64)
-    flac = FlacCost(0, 0, 0, 0)
+    sums, pieces, window = Sums(codec), [], 0
     chunk = np.zeros((2, stream.split.chunk_frames), np.uint16)
-    picked: list[np.ndarray] = []
-    picked_meta: list[tuple[str, int]] = []
-    int16_of_token = torch.as_tensor(codec.decode_table().astype(np.int64) - 32768)
-    start_time = time.perf_counter()
+    where = ("", 0)  # (source, start) of the chunk being put together
+    started = time.perf_counter()
     bar = tqdm(total=len(stream), desc="score", unit="batch", disable=not progress)
     with torch.inference_mode():
         for raw in stream:
@@ -91,20 +163,8 @@ def score_split(
             if not real.any():
                 continue  # a padding batch (only under several ranks or workers)
             batch = tokenize(raw, codec)
-            labels = batch["labels"]
-            scored = model.score(batch["input_ids"].to(device), labels.to(device))
-            nll += float(scored["nll_sum"])
-            if scored["untrained_nll_sum"] is not None:
-                untrained_nll = (untrained_nll or 0.0) + float(scored["untrained_nll_sum"])
-            count += int(scored["count"])
-            keep = labels != IGNORE
-            correct += int(scored["correct"])
-            hist += torch.bincount(labels[keep], minlength=codec.levels)
-            # teacher-forced argmax against the original int16 target (not its codec round trip)
-            target = torch.from_numpy(pcm16_to_int16(raw["targets"])).double()
-            pred = int16_of_token[scored["pred"].cpu()].double()
-            tf_signal += float(torch.where(keep, target.square(), 0.0).sum())
-            tf_error += float(torch.where(keep, (target - pred).square(), 0.0).sum())
+            scored = model.score(batch["input_ids"].to(device), batch["labels"].to(device))
+            sums.add(scored, batch["labels"], raw["targets"], [m[0] for m in raw["meta"]])
             # the channel task's stereo windows again: input channel `direction`, target other
             windows = np.stack([raw["inputs"], raw["targets"]], axis=1)[
                 :, [direction, 1 - direction]
@@ -112,28 +172,11 @@ def score_split(
             for row in np.flatnonzero(real):
                 k = window % per_chunk
                 start = int(stream.starts[k])
+                if k == 0:  # the first window starts at the chunk's first frame
+                    where = raw["meta"][row]
                 chunk[:, start : start + length] = windows[row]
-                if k == per_chunk - 1:  # the chunk is whole again: FLAC on the whole chunk
-                    flac = flac + flac_bits(pcm16_to_int16(chunk), sample_rate, direction)
-                    chunks += 1
-                if window in pick:
-                    picked.append(windows[row].copy())
-                    picked_meta.append(tuple(raw["meta"][row]))
+                if k == per_chunk - 1:
+                    pieces.append(Piece(where[0], int(where[1]), chunk.copy()))
                 window += 1
     bar.close()
-    assert count == chunks * stream.split.chunk_frames, "every frame of every chunk is scored once"
-    return SplitScore(
-        nll=nll,
-        untrained_nll=untrained_nll,
-        count=count,
-        correct=correct,
-        tf_signal=tf_signal,
-        tf_error=tf_error,
-        levels=hist.numpy(),
-        flac=flac,
-        chunks=chunks,
-        windows=window,
-        picked=picked,
-        picked_meta=picked_meta,
-        seconds=time.perf_counter() - start_time,
-    )
+    return split_score(sums, pieces, join_chunks(pieces), window, started)
