@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from transformers import T5Model
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -23,15 +24,7 @@ from trainer.model.position_bias import dense_bias
 
 LEVELS = 255
 # 8 buckets over max distance 24: windows of 40 reach the log-spaced and the clamped buckets
-BODY = dict(
-    d_model=32,
-    d_ff=64,
-    num_layers=2,
-    num_decoder_layers=2,
-    num_heads=2,
-    d_kv=16,
-    relative_attention_num_buckets=8,
-)
+BODY = dict(TINY_MODEL, num_layers=2, num_decoder_layers=2, relative_attention_num_buckets=8)
 TINY = dict(codec="pcm16", **BODY, max_len=24, head="coarse_fine", align=True, warmup_steps=0)
 
 
