@@ -15,8 +15,10 @@ target's past and the input channel only, so nothing is transmitted and it is ca
    interval's normalized gradient, ``mu_j sum_t e_t h_t / (1 + |h_t|^2)``.
 
 The output per sample: the final prediction (LS plus every stage), the candidates (the
-prediction after each earlier stage), and the features the mixture
-is set from: two-sided input loudness, and causal averages of the final residual's size.
+prediction after each earlier stage, and least-squares predictors of longer memory, the
+``slow_forgets``), and the features the mixture is set from: two-sided input loudness, how each
+candidate has done lately against the final prediction, and causal averages of the final
+residual's size.
 
 State: the LS statistics, the stage weights, and the last ``history`` samples of every signal,
 so a stream scored call by call gives what one call over all of it gives; the calls' lengths
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 EMA_DECAYS = (0.5, 0.8, 0.93, 0.98)
 BASE_DECAY = 1  # index into EMA_DECAYS of the error level the scales are relative to
+CANDIDATE_DECAY = 2  # index into EMA_DECAYS of the candidates' recent errors
 EMA_LEN = 128  # samples each causal average looks back
 INPUT_SPANS = ((-8, 8), (0, 16), (-16, 0))  # two-sided loudness of the input channel
 INPUT_REACH = 16  # the spans' reach on either side of t
@@ -61,6 +64,7 @@ class PredictorState:
     u: torch.Tensor  # [B, H] the last H centred input samples
     u_known: torch.Tensor  # [B, H] bool
     abs_err: torch.Tensor  # [B, H] |final residual| (0 where unknown)
+    cand_err: torch.Tensor  # [B, J, H] |residual| of each candidate (0 where unknown)
     signals: list[torch.Tensor]  # per cascade stage [B, H]: its input signal
     weights: list[torch.Tensor]  # per cascade stage [B, n_j]
     stats: list[torch.Tensor]  # per forget [B, D * D + D]: LS sums phi phi^T, phi x so far
@@ -69,7 +73,7 @@ class PredictorState:
         """The state of the rows ``index`` (for streams that continue in another batch)."""
         return PredictorState(
             self.x[index], self.known[index], self.u[index], self.u_known[index],
-            self.abs_err[index], [s[index] for s in self.signals],
+            self.abs_err[index], self.cand_err[index], [s[index] for s in self.signals],
             [w[index] for w in self.weights], [a[index] for a in self.stats],
         )  # fmt: skip
 
@@ -102,7 +106,7 @@ class Predictor:
         self.fixed[0], self.fixed[1] = 2.0, -1.0
         lags = torch.arange(1, EMA_LEN + 1, dtype=torch.float64)
         self.kernels = torch.stack([(1 - d) * d ** (lags - 1) for d in EMA_DECAYS])  # lag 1 first
-        self.n_features = 2 * len(EMA_DECAYS) + len(INPUT_SPANS) + 1
+        self.n_features = 2 * len(EMA_DECAYS) + len(INPUT_SPANS) + self.candidates + 1
 
     def initial_state(self, batch: int, device: torch.device) -> PredictorState:
         """A stream's start: no history (unknown), no statistics, zero stage weights."""
@@ -114,6 +118,7 @@ class Predictor:
         unknown = torch.zeros((batch, h), dtype=torch.bool, device=device)
         return PredictorState(
             zeros(batch, h), unknown, zeros(batch, h), unknown.clone(), zeros(batch, h),
+            zeros(batch, self.candidates, h),
             [zeros(batch, h) for _ in self.cascade], [zeros(batch, n) for n in self.cascade],
             [zeros(batch, self.dims * (self.dims + 1)) for _ in self.forgets],
         )  # fmt: skip
@@ -156,18 +161,27 @@ class Predictor:
             preds.append(preds[-1] + p)
         final = preds[-1]
         abs_err = torch.cat([state.abs_err, (x - final).abs() * known], 1)
-        features = torch.cat(
-            [self._input_features(ue, uke, length), self._error_features(abs_err, ke, length)], -1
-        )
         others = [*preds[:-1], *slow]
         candidates = torch.stack(others, -1) if others else final.new_zeros(*final.shape, 0)
+        cand_err = torch.cat(
+            [state.cand_err, (x[:, None] - candidates.mT).abs() * known[:, None]], -1
+        )
+        errors = self._error_features(abs_err, ke, length)
+        features = torch.cat(
+            [
+                self._input_features(ue, uke, length),
+                self._candidate_features(cand_err, abs_err, length),
+                errors,
+            ],
+            -1,
+        )
         track = Track(final, candidates, features)
         if length % self.refit_every:
             return track, None
         tail = slice(length, length + h)
         return track, PredictorState(
             xe[:, tail], ke[:, tail], ue[:, tail], uke[:, tail], abs_err[:, tail],
-            [s[:, tail] for s in signals], weights, stats,
+            cand_err[..., tail], [s[:, tail] for s in signals], weights, stats,
         )  # fmt: skip
 
     def _least_squares(
@@ -269,6 +283,18 @@ class Predictor:
             count = ccount[:, idx + hi + 1] - ccount[:, idx + lo]
             feats.append(torch.log1p(total / count.clamp(min=1)))
         return torch.stack(feats, -1)
+
+    def _candidate_features(
+        self, cand_err: torch.Tensor, abs_err: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """How each candidate has done lately against the final prediction [B, L, J]: the log
+        ratio of their causal averages of |error| (time constant CANDIDATE_DECAY), which is
+        what a coder's stage mixing weighs its stages by."""
+        window = slice(self.history - EMA_LEN, self.history + length - 1)
+        kernel = self.kernels[CANDIDATE_DECAY].flip(-1).view(1, 1, -1).to(abs_err.device)
+        both = torch.cat([cand_err[..., window], abs_err[:, None, window]], 1)
+        levels = F.conv1d(both.flatten(0, 1).unsqueeze(1), kernel).view(*both.shape[:2], length)
+        return torch.log((levels[:, :-1] + 1.0) / (levels[:, -1:] + 1.0)).mT
 
     def _error_features(self, abs_err: torch.Tensor, ke: torch.Tensor, length: int) -> torch.Tensor:
         """Causal loudness of the final residual [B, L, 2 n + 1]: per time constant the average
