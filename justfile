@@ -18,7 +18,7 @@ demo:
     {{python}} -m pipeline shard shards/demo/index.json --chunk-frames 16384 --shard-bytes 8MB --quiet
     {{python}} -m pipeline verify shards/demo --against-source --quiet
     OMP_NUM_THREADS=1 {{python}} -m trainer fit --config configs/tiny.yaml --trainer.enable_progress_bar false
-    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 2 --no-progress --threads 1 --gate
+    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 0 --no-progress --threads 1 --gate
 
 # scan an audio tree into shards/<ROOT name>/index.json
 index ROOT *ARGS:
