@@ -70,7 +70,7 @@ class Sums:
         pred = self._int16_of_token[scored["pred"].cpu()].double()
         self.tf_signal += float(torch.where(keep, target.square(), 0.0).sum())
         self.tf_error += float(torch.where(keep, (target - pred).square(), 0.0).sum())
-        untrained = scored.get("untrained_nll")  # per position, when the model returns it
+        untrained = scored["untrained_nll"]  # per position; None when the head has no baseline
         row_nll = scored["nll"].double().sum(dim=1).cpu().tolist()
         row_untrained = None if untrained is None else untrained.double().sum(dim=1).cpu().tolist()
         for row, (source, count) in enumerate(zip(sources, keep.sum(dim=1).tolist(), strict=True)):

@@ -110,29 +110,28 @@ class LogisticHead(Head):
 
     # ------------------------------------------------------------------ mixture
 
-    def _inputs(self, track: Track) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's signal features (the base level aside, and with mix where each
-        candidate is, in units of it) and each candidate's offset from the final prediction."""
-        base = track.features[..., -1:] + 0.5  # >= 0.5 level
-        spread = track.candidates[..., : self.mixed] - track.final[..., None]
-        feats = torch.cat([track.features[..., :-1], torch.asinh(spread / base)], -1)
-        return feats, spread
+    def _spread(self, track: Track) -> torch.Tensor:
+        """Each mixed candidate's offset from the final prediction [..., J]."""
+        return track.candidates[..., : self.mixed] - track.final[..., None]
 
     def mixture(self, hidden: torch.Tensor, track: Track):
         """(logits, means, scales) [..., K] float64 from states [..., d] and the predictor's
-        track at the same positions."""
-        feats, _ = self._inputs(track)
+        track at the same positions. The network sees the signal features (the base level
+        aside) and, with mix, where each candidate is in units of the base level."""
+        spread = self._spread(track)
+        base = track.features[..., -1:] + 0.5  # >= 0.5 level
+        feats = torch.cat([track.features[..., :-1], torch.asinh(spread / base)], -1)
         out = self.net(feats.to(hidden.dtype)) + self.from_state(hidden)
-        return self._mixture(out.double().unflatten(-1, (3 + self.mixed, self.mixtures)), track)
+        out = out.double().unflatten(-1, (3 + self.mixed, self.mixtures))
+        return self._mixture(out, track, spread)
 
-    def _mixture(self, out: torch.Tensor, track: Track):
-        """mixture() from the network's output [..., 3 + J, K]."""
+    def _mixture(self, out: torch.Tensor, track: Track, spread: torch.Tensor):
+        """mixture() from the network's output [..., 3 + J, K] and ``_spread(track)``."""
         base = track.features[..., -1] + 0.5
         logits, log_scale, offset = out[..., :3, :].unbind(-2)
         log_scale = (log_scale + base.log()[..., None]).clamp(MIN_LOG_SCALE, MAX_LOG_SCALE)
         means = track.final[..., None] + offset * base[..., None]
         if self.mixed:
-            _, spread = self._inputs(track)
             means = means + (spread[..., :, None] * out[..., 3:, :]).sum(-2)
         return torch.log_softmax(logits, -1), means, log_scale.exp()
 
@@ -186,7 +185,7 @@ class LogisticHead(Head):
         with torch.no_grad():
             start = self.initial_output().to(track.final)
             start = start.expand(*track.final.shape, *start.shape)
-            untrained = -self.log_prob(*self._mixture(start, track), y)
+            untrained = -self.log_prob(*self._mixture(start, track, self._spread(track)), y)
         logits, means, scales = self.mixture(hidden, track)
         nll = -self.log_prob(logits, means, scales, y)
         nll = torch.where(keep, nll, 0.0).float()

@@ -69,14 +69,6 @@ class PredictorState:
     weights: list[torch.Tensor]  # per cascade stage [B, n_j]
     stats: list[torch.Tensor]  # per forget [B, D * D + D]: LS sums phi phi^T, phi x so far
 
-    def rows(self, index: torch.Tensor) -> PredictorState:
-        """The state of the rows ``index`` (for streams that continue in another batch)."""
-        return PredictorState(
-            self.x[index], self.known[index], self.u[index], self.u_known[index],
-            self.abs_err[index], self.cand_err[index], [s[index] for s in self.signals],
-            [w[index] for w in self.weights], [a[index] for a in self.stats],
-        )  # fmt: skip
-
 
 class Predictor:
     """The stages for one head's options; ``run`` is the teacher-forced pass (and, on a
@@ -166,12 +158,11 @@ class Predictor:
         cand_err = torch.cat(
             [state.cand_err, (x[:, None] - candidates.mT).abs() * known[:, None]], -1
         )
-        errors = self._error_features(abs_err, ke, length)
         features = torch.cat(
             [
                 self._input_features(ue, uke, length),
                 self._candidate_features(cand_err, abs_err, length),
-                errors,
+                self._error_features(abs_err, ke, length),
             ],
             -1,
         )
