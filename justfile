@@ -8,7 +8,8 @@ default:
     @just --list
 
 # the whole system on a synthetic corpus: synth -> index -> shard -> verify -> train -> evaluate;
-# fails unless the model ends below FLAC and below its own untrained head (evaluate --gate)
+# fails unless the model ends below FLAC and below its own untrained head, and its estimate is at
+# least as good as the least-squares filter fitted on the training split (evaluate --gate)
 # (one torch thread for fit and evaluate: a tiny model's small ops lose more to two threads
 # contending for 2 cores, and to the loader workers, than they gain)
 demo:
@@ -18,7 +19,7 @@ demo:
     {{python}} -m pipeline shard shards/demo/index.json --chunk-frames 16384 --shard-bytes 8MB --quiet
     {{python}} -m pipeline verify shards/demo --against-source --quiet
     OMP_NUM_THREADS=1 {{python}} -m trainer fit --config configs/tiny.yaml --trainer.enable_progress_bar false
-    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 0 --no-progress --threads 1 --gate
+    {{python}} -m trainer evaluate --ckpt runs/tiny/checkpoints/last.ckpt --shards shards/demo --split test --generate 8 --no-progress --threads 1 --gate
 
 # scan an audio tree into shards/<ROOT name>/index.json
 index ROOT *ARGS:

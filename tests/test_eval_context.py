@@ -67,8 +67,7 @@ def test_run_context_scores_every_frame_once_and_the_coders_code_the_same_frames
     assert sum(s.frames for s in report.per_source) == counts.samples_scored
     assert all(s.model_untrained is not None for s in report.per_source)
     assert report.config.context == "run" and report.config.score_len == CHUNK
-    assert counts.generated_windows == 2 and report.config.seq_len == SEQ
-    assert len(report.snr_db_per_window.copy) == 2
+    assert report.config.seq_len == SEQ
     md = Path(report.files.md).read_text()
     assert "- context run: 5 contiguous runs of one source's chunks" in md
 
@@ -105,7 +104,7 @@ def test_chunk_context_scores_each_chunk_whole_in_one_call(stateful, shard_dir, 
     )  # fmt: skip
     counts = report.counts
     assert counts.windows == counts.chunks == 3 and counts.samples_scored == 3 * CHUNK
-    assert report.config.score_len == CHUNK and counts.generated_windows == 1
+    assert report.config.score_len == CHUNK
     model = StereoT5.from_pretrained(stateful)
     codec = get_codec("pcm16")
     nll = 0.0

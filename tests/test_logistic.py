@@ -68,7 +68,7 @@ def test_score_bits_are_minus_log2_of_the_head_probability():
     batch = smooth_batch()
     with torch.no_grad():
         scored = teacher_forced(model, batch)
-        hidden = model(batch["input_ids"], batch["labels"])
+        _, hidden = model(batch["input_ids"], batch["labels"])
         track, _ = model.head.track(batch["labels"], batch["input_ids"])
         logits, means, scales = model.head.mixture(hidden, track)
     keep = batch["labels"] != -100

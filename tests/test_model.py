@@ -103,7 +103,7 @@ def test_coarse_fine_nll_is_the_sum_of_its_two_cross_entropies():
     labels = batch["labels"]
     keep = labels != -100
     with torch.no_grad():
-        hidden = model(batch["input_ids"], labels)[keep]
+        hidden = model(batch["input_ids"], labels)[1][keep]
         high, low = labels[keep] >> 8, labels[keep] & 255
         head = model.head
         expected = F.cross_entropy(head.high(hidden), high, reduction="sum")
@@ -121,8 +121,8 @@ def test_coarse_fine_is_causal_and_the_high_part_ignores_the_current_sample():
     t = 10
     changed[:, t] = (changed[:, t] + 12345) % 65536
     with torch.no_grad():
-        before = model(batch["input_ids"], batch["labels"])
-        after = model(batch["input_ids"], changed)
+        _, before = model(batch["input_ids"], batch["labels"])
+        _, after = model(batch["input_ids"], changed)
         # every state up to and including t (which sees labels < t) is unchanged ...
         assert torch.allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-6)
         assert torch.equal(model.head.high(before[:, t]), model.head.high(after[:, t]))

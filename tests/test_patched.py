@@ -29,8 +29,8 @@ def test_changing_sample_t_changes_nothing_up_to_t(head):
         changed = labels.clone()
         changed[:, t] = (changed[:, t] + 101) % model.levels
         with torch.no_grad():
-            before = model(batch["input_ids"], labels)
-            after = model(batch["input_ids"], changed)
+            _, before = model(batch["input_ids"], labels)
+            _, after = model(batch["input_ids"], changed)
             nll_before = model.score(batch["input_ids"], labels)["nll"]
             nll_after = model.score(batch["input_ids"], changed)["nll"]
         assert torch.allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-6), t

@@ -169,7 +169,7 @@ def test_kv_cached_generation_equals_t5s_and_the_full_decoder(attn_tile: int, bu
     # teacher-forced on the decoded tokens, the whole decoder at once gives the same states
     # as the cached steps did: each step got its own bias row
     with torch.inference_mode():
-        full = ours.hidden(inputs, tokens)
+        _, full = ours.hidden(inputs, tokens)
         scored = ours.head(full, tokens, inputs)
     torch.testing.assert_close(-scored.nll, log_probs, rtol=1e-5, atol=1e-4)
 

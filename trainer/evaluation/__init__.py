@@ -1,7 +1,7 @@
 """Running a trained model: load it (`loading`), score a split teacher-forced (`scoring`),
-generate (`generation`), compare with signal baselines (`baselines`), write the typed report
-(`report`, `plot`, `curve`); the two commands are `evaluate` and `predict`. See
-docs/evaluation.md."""
+restore a channel (`restore`, scored by `restoration`), compare with signal baselines
+(`baselines`, `coders`), write the typed report (`report`, `plot`, `curve`); the two commands are
+`evaluate` and `predict`. See docs/evaluation.md."""
 
 from pipeline.errors import UserError
 

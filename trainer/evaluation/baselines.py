@@ -25,6 +25,7 @@ __all__ = [
     "fir_lags",
     "flac_bits",
     "flac_bytes",
+    "lagged",
     "level_entropy",
     "ls_fir",
     "snr_db",
@@ -166,7 +167,7 @@ def fir_lags(taps: int, causal: bool = False) -> np.ndarray:
     return np.arange(first, first + taps)
 
 
-def _lagged(x: np.ndarray, lags: np.ndarray) -> np.ndarray:
+def lagged(x: np.ndarray, lags: np.ndarray) -> np.ndarray:
     """`[n, taps]` with column j = x delayed by lags[j] (zeros outside the window)."""
     n = len(x)
     out = np.zeros((n, len(lags)), dtype=np.float64)
@@ -190,7 +191,7 @@ def ls_fir(x: np.ndarray, y: np.ndarray, taps: int = 32, causal: bool = False) -
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"ls_fir needs two equal 1-D signals, got {x.shape} and {y.shape}")
-    design = _lagged(x, fir_lags(taps, causal))
+    design = lagged(x, fir_lags(taps, causal))
     h, *_ = np.linalg.lstsq(design, y, rcond=None)
     return h
 
@@ -198,7 +199,7 @@ def ls_fir(x: np.ndarray, y: np.ndarray, taps: int = 32, causal: bool = False) -
 def fir_apply(x: np.ndarray, h: np.ndarray, causal: bool = False) -> np.ndarray:
     """y[t] = sum_j h[j] x[t - lags[j]] (float64, zeros outside the window)."""
     x = np.asarray(x, dtype=np.float64)
-    return _lagged(x, fir_lags(len(h), causal)) @ np.asarray(h, dtype=np.float64)
+    return lagged(x, fir_lags(len(h), causal)) @ np.asarray(h, dtype=np.float64)
 
 
 def to_int16(x: np.ndarray) -> np.ndarray:

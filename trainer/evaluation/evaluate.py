@@ -12,10 +12,11 @@ baseline achieves on the same audio:
   ((stereo file - file of the input) x 8 / frames; a missing coder is a skipped row), FLAC of
   the target alone, and the entropy of the target's codec levels. Under mulaw/linear codecs the
   model's bits are those of a lossy signal and are labelled so.
-- Generated SNR (`generation`): N windows spread evenly over the split, decoded
-  autoregressively (greedy and sampled), against the original int16 target; beside it
-  copy-input, best-gain and a 32-tap least-squares FIR fitted on each window itself (an oracle
-  bound, not a deployable predictor).
+- The restored target (`restoration`): the model's estimate, render and repair of each
+  source (its first N chunks per segment) against the original int16 target, per source and
+  pooled, beside copy input, a gain and a 32-tap least-squares filter fitted on a seeded sample
+  of training chunks, the filter fitted around each repaired gap, and the filter fitted on each
+  window itself (an oracle bound, not a deployable predictor).
 
 Writes `report.json` (every figure), `report.md` (small tables) and `report.png`.
 """
@@ -39,7 +40,6 @@ from trainer.evaluation import EvaluationError, summary
 from trainer.evaluation.baselines import FLAC_COMPRESSION_LEVEL
 from trainer.evaluation.coders import measure_coders
 from trainer.evaluation.curve import find_metrics_csv, read_curve
-from trainer.evaluation.generation import FIR_CAUSAL, FIR_TAPS, generated_snr
 from trainer.evaluation.loading import (
     LoadedModel,
     add_runtime_options,
@@ -51,15 +51,15 @@ from trainer.evaluation.plot import plot_report
 from trainer.evaluation.report import (
     CONTEXTS,
     REPORT_FORMAT,
-    GeneratedWindow,
     Report,
     ReportFiles,
     RunConfig,
     learning_checks,
     render_markdown,
 )
+from trainer.evaluation.restoration import FIR_TAPS, Restoration, fit_on_train, restore_sources
 from trainer.evaluation.runs import score_runs
-from trainer.evaluation.scoring import SplitScore, limit_chunks, pick_windows, score_split
+from trainer.evaluation.scoring import SplitScore, limit_chunks, score_split
 from trainer.model import StereoT5
 
 __all__ = ["default_out", "evaluate", "main"]
@@ -78,6 +78,7 @@ def _check_arguments(
     max_chunks: int | None,
     generate: int,
     batch_size: int,
+    train_chunks: int,
 ) -> None:
     if split not in SPLITS:
         raise EvaluationError(f"split {split!r}: use one of {', '.join(SPLITS)}")
@@ -87,8 +88,8 @@ def _check_arguments(
         raise EvaluationError(f"context {context!r}: use one of {', '.join(CONTEXTS)}")
     if max_chunks is not None and max_chunks < 1:
         raise EvaluationError(f"max_chunks must be >= 1, got {max_chunks}")
-    if generate < 0 or batch_size < 1:
-        raise EvaluationError("generate must be >= 0 and batch_size >= 1")
+    if generate < 0 or batch_size < 1 or train_chunks < 1:
+        raise EvaluationError("generate must be >= 0, batch_size and train_chunks >= 1")
 
 
 def _check_context(loaded: LoadedModel, context: str, chunk_frames: int) -> None:
@@ -111,6 +112,20 @@ def _check_context(loaded: LoadedModel, context: str, chunk_frames: int) -> None
         )
 
 
+def _data(
+    shards: str | Path, length: int, batch_size: int, codec: str, direction: str
+) -> ShardDataModule:
+    return ShardDataModule(
+        str(shards),
+        seq_len=length,
+        batch_size=batch_size,
+        num_workers=0,
+        codec=codec,
+        direction=direction,
+        return_meta=True,
+    )
+
+
 def _stream(
     shards: str | Path,
     split: str,
@@ -121,15 +136,7 @@ def _stream(
     max_chunks: int | None,
 ) -> EvalStream:
     """The split's eval stream on one rank, cut to its first `max_chunks` chunks."""
-    data = ShardDataModule(
-        str(shards),
-        seq_len=length,
-        batch_size=batch_size,
-        num_workers=0,
-        codec=codec,
-        direction=direction,
-        return_meta=True,
-    )
+    data = _data(shards, length, batch_size, codec, direction)
     full = data.eval_stream(split, rank=0, world_size=1).split
     samples = limit_chunks(full.samples, max_chunks)
     return EvalStream(
@@ -156,6 +163,34 @@ def _score(
     return score_split(model, stream, codec, direction, progress)
 
 
+def _restore(
+    loaded: LoadedModel,
+    shards: str | Path,
+    scored: SplitScore,
+    direction: str,
+    options: dict,
+    warnings: list[str],
+) -> Restoration | None:
+    """The restoration section, or None (and why, in `warnings`) when it is not run."""
+    model, codec = loaded.model, loaded.codec
+    if not options["generate"]:
+        return None
+    if model.estimator is None:
+        warnings.append(
+            "no restoration section: the model has no estimate head (train with `estimate:` "
+            "under `model:`)"
+        )
+        return None
+    data = _data(shards, options["length"], options["batch_size"], codec.name, direction)
+    train = data.eval_stream("train", rank=0, world_size=1).split
+    d = DIRECTIONS[direction]
+    fit = fit_on_train(train, d, options["train_chunks"], options["seed"])
+    return restore_sources(
+        model, codec, scored.segments, d, fit, options["generate"], options["length"],
+        options["rate"], options["batch_size"], options["temperature"], options["seed"],
+    )  # fmt: skip
+
+
 def evaluate(
     ckpt: str | Path,
     shards: str | Path,
@@ -167,6 +202,7 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 8,
+    train_chunks: int = 256,
     seq_len: int | None = None,
     direction: str = "l2r",
     codec: str | None = None,
@@ -184,12 +220,14 @@ def evaluate(
             (a whole chunk) or ``run`` (a chunk, the head's state carried from the chunk
             before in the same source; refused for a head that carries none).
         max_chunks: score only the first N chunks of the split (manifest order); all if None.
-        generate: windows decoded autoregressively for the SNR rows (0: none).
+        generate: chunks of each scored segment that the three restoration modes run on (0:
+            no restoration section).
         out: output folder (default ``<checkpoint's folder>/eval-<split>``).
-        temperature: of the sampled generation (<= 0: no sampled row).
-        seed: of the sampled generation.
-        batch_size: windows per forward pass (scoring and generation).
-        seq_len: window length of scoring under ``window`` and of generation (default: the
+        temperature: render's.
+        seed: of render's noise, of the repaired gaps and of the training chunks drawn.
+        batch_size: windows per forward pass (scoring and restoration).
+        train_chunks: at most this many training chunks fit the restoration's baselines.
+        seq_len: window length of scoring under ``window`` and of restoration (default: the
             training window, at most max_len and a chunk).
         direction: ``l2r`` (target = right) or ``r2l``.
         codec: only checked: it must be the checkpoint's codec.
@@ -204,7 +242,7 @@ def evaluate(
         UserError (EvaluationError, ModelError, ...): bad arguments, unreadable shards or
             checkpoint, a codec or window the checkpoint was not built for.
     """
-    _check_arguments(split, direction, context, max_chunks, generate, batch_size)
+    _check_arguments(split, direction, context, max_chunks, generate, batch_size, train_chunks)
     manifest = Manifest.load(Path(shards))
     chunk_frames = manifest.config.chunk_frames
     loaded = load_model(ckpt, device)
@@ -229,8 +267,11 @@ def evaluate(
     started = time.perf_counter()
     coders = measure_coders(scored.segments, rate, d)
     coders_s = time.perf_counter() - started
-    picked, picked_meta = pick_windows(scored.pieces, length, generate)
-    gen = generated_snr(model, picked, model_codec, d, batch_size, temperature, seed)
+    started = time.perf_counter()
+    options = dict(generate=generate, length=length, batch_size=batch_size, rate=rate,
+                   train_chunks=train_chunks, seed=seed, temperature=temperature)  # fmt: skip
+    restoration = _restore(loaded, shards, scored, direction, options, warnings)
+    restore_s = time.perf_counter() - started
     out_dir = Path(out) if out is not None else default_out(loaded.path, split)
     metrics_csv = find_metrics_csv(loaded.path)
     exact = model_codec.exact
@@ -257,24 +298,21 @@ def evaluate(
             seed=seed,
             batch_size=batch_size,
             seq_len=length,
+            train_chunks=train_chunks,
             device=str(next(model.parameters()).device),
             flac_compression_level=FLAC_COMPRESSION_LEVEL,
             fir_taps=FIR_TAPS,
-            fir_causal=FIR_CAUSAL,
             snr_truth="original int16 target",
         ),
-        counts=summary.counts(stream, scored, len(picked), length),
+        counts=summary.counts(stream, scored),
         bits_per_sample=bits,
-        checks=learning_checks(bits, exact),
+        checks=learning_checks(bits, exact, restoration),
         per_source=summary.per_source(scored, coders),
         coders=coders,
         teacher_forced=summary.teacher_forced(scored),
-        snr_db=gen.snr_db,
-        snr_db_per_window=gen.per_window,
-        best_gains=gen.gains,
-        generated_windows=[GeneratedWindow(s, int(t)) for s, t in picked_meta],
+        restoration=restoration,
         training_curve=str(metrics_csv) if metrics_csv else None,
-        timing=summary.timing(scored, coders_s, gen),
+        timing=summary.timing(scored, coders_s, restore_s),
         warnings=warnings,
         files=files,
     )
@@ -282,7 +320,7 @@ def evaluate(
     atomic_write_text(Path(files.json), report.dumps())
     atomic_write_text(Path(files.md), render_markdown(report))
     curve = read_curve(metrics_csv) if metrics_csv else {}
-    plot_report(report, gen.example, curve, Path(files.png))
+    plot_report(report, curve, Path(files.png))
     return report
 
 
@@ -303,11 +341,19 @@ def _parser() -> argparse.ArgumentParser:
         "the head's state carried from the one before in its source (default: window)",
     )
     parser.add_argument("--max-chunks", type=int, default=None, help="first N chunks only")
-    parser.add_argument("--generate", type=int, default=8, help="windows to generate (0: none)")
+    parser.add_argument(
+        "--generate",
+        type=int,
+        default=8,
+        help="chunks of each scored segment the restoration modes run on (0: none)",
+    )
+    parser.add_argument(
+        "--train-chunks", type=int, default=256, help="cap on training chunks for the baselines"
+    )
     parser.add_argument(
         "--out", default=None, help="output folder (default: <ckpt dir>/eval-SPLIT)"
     )
-    parser.add_argument("--temperature", type=float, default=1.0, help="of the sampled row")
+    parser.add_argument("--temperature", type=float, default=1.0, help="render's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=None, help="default: the training window")
@@ -335,6 +381,7 @@ def _run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         batch_size=args.batch_size,
+        train_chunks=args.train_chunks,
         seq_len=args.seq_len,
         direction=args.direction,
         codec=args.codec,

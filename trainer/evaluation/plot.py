@@ -1,5 +1,5 @@
-"""report.png: bars of bits/sample, the training curve, one generated window and its
-spectrograms, read from the typed report."""
+"""report.png: bars of bits/sample, the training curve, one window's estimate and render over
+the truth, one repaired gap and the spectrograms, read from the typed report."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import numpy as np
 
 from pipeline.fsutil import atomic_path
 from trainer.evaluation.curve import Curve
-from trainer.evaluation.generation import Example
 from trainer.evaluation.report import Report
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from matplotlib.gridspec import GridSpec, SubplotSpec
+    from matplotlib.gridspec import SubplotSpec
 
 __all__ = ["plot_report"]
 
@@ -67,39 +66,55 @@ def _curve(fig: Figure, cell: SubplotSpec, curve: Curve) -> None:
     ax.set_title("training curve")
 
 
-def _example(fig: Figure, grid: GridSpec, example: Example, rate: int) -> None:
-    truth, greedy = example.truth, example.greedy
+def _window(fig: Figure, cell: SubplotSpec, example: dict[str, list[int]], rate: int) -> None:
+    truth = example["window_truth"]
     t = np.arange(len(truth)) / rate * 1000
-    ax = fig.add_subplot(grid[1, :])
-    ax.plot(t, example.input, color="0.75", lw=0.8, label="input channel")
+    ax = fig.add_subplot(cell)
+    ax.plot(t, example["window_input"], color="0.8", lw=0.8, label="input channel")
+    ax.plot(t, example["window_render"], color="tab:green", lw=0.6, alpha=0.35, label="render")
     ax.plot(t, truth, color="tab:blue", lw=1.0, label="target (truth)")
-    ax.plot(t, greedy, color="tab:orange", lw=1.0, alpha=0.85, label="generated (greedy)")
+    ax.plot(t, example["window_estimate"], color="tab:orange", lw=1.0, label="estimate")
     ax.set_xlabel("ms")
     ax.set_ylabel("int16")
     ax.legend(loc="upper right")
-    ax.set_title("one generated window")
+    ax.set_title("one window: the estimate and a render over the truth")
+
+
+def _gap(fig: Figure, cell: SubplotSpec, example: dict[str, list[int]], rate: int) -> None:
+    ax = fig.add_subplot(cell)
+    if "gap_truth" not in example:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no gap repaired (segments too short)", ha="center", va="center")
+        return
+    truth = example["gap_truth"]
+    t = np.arange(len(truth)) / rate * 1000
+    a, b = example["gap_span"]
+    ax.axvspan(t[a], t[b - 1], color="0.9", label="gap")
+    ax.plot(t, truth, color="tab:blue", lw=1.0, label="target (truth)")
+    ax.plot(t, example["gap_repaired"], color="tab:orange", lw=0.8, alpha=0.85, label="repaired")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("int16")
+    ax.legend(loc="upper right")
+    ax.set_title("one repaired gap")
+
+
+def _spectrograms(fig: Figure, cell: SubplotSpec, example: dict[str, list[int]], rate: int):
+    truth, estimate = example["window_truth"], example["window_estimate"]
     nfft = int(min(512, max(16, 2 ** int(math.log2(max(16, len(truth) // 8))))))
-    spec_truth, spec_pred = _spectrogram(truth, nfft), _spectrogram(greedy, nfft)
-    vmax = float(max(spec_truth.max(), spec_pred.max()))
-    extent = (0, len(truth) / rate * 1000, 0, rate / 2000)
-    for col, (title, spec) in enumerate((("truth", spec_truth), ("generated (greedy)", spec_pred))):
-        ax = fig.add_subplot(grid[2, col])
-        image = ax.imshow(
-            spec,
-            origin="lower",
-            aspect="auto",
-            extent=extent,
-            vmin=vmax - 90,
-            vmax=vmax,
-            cmap="magma",
-        )
-        ax.set_title(f"spectrogram: {title}")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("kHz")
+    spec = np.concatenate([_spectrogram(truth, nfft), _spectrogram(estimate, nfft)], axis=1)
+    ax = fig.add_subplot(cell)
+    vmax = float(spec.max())
+    extent = (0, 2 * len(truth) / rate * 1000, 0, rate / 2000)
+    image = ax.imshow(
+        spec, origin="lower", aspect="auto", extent=extent, vmin=vmax - 90, vmax=vmax, cmap="magma"
+    )
+    ax.set_title("spectrogram: truth (left half), estimate (right half)")
+    ax.set_xlabel("ms")
+    ax.set_ylabel("kHz")
     fig.colorbar(image, ax=ax, label="dB")
 
 
-def plot_report(report: Report, example: Example | None, curve: Curve, path: Path) -> None:
+def plot_report(report: Report, curve: Curve, path: Path) -> None:
     """Write the picture to `path` (atomically); matplotlib is imported only here."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -109,11 +124,16 @@ def plot_report(report: Report, example: Example | None, curve: Curve, path: Pat
     grid = fig.add_gridspec(3, 2)
     _bits_bars(fig, grid[0, 0], report)
     _curve(fig, grid[0, 1], curve)
-    if example is None:
+    example = report.restoration.example if report.restoration else None
+    if not example:
         ax = fig.add_subplot(grid[1:, :])
         ax.axis("off")
-        ax.text(0.5, 0.5, "no generated window (--generate 0)", ha="center", va="center")
+        why = "--generate 0" if not report.config.generate else "no estimate head"
+        ax.text(0.5, 0.5, f"no restoration section ({why})", ha="center", va="center")
     else:
-        _example(fig, grid, example, report.sample_rate)
+        rate = report.sample_rate
+        _window(fig, grid[1, :], example, rate)
+        _gap(fig, grid[2, 0], example, rate)
+        _spectrograms(fig, grid[2, 1], example, rate)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)

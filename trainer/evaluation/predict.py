@@ -1,16 +1,15 @@
-"""`python -m trainer predict IN OUT.wav --ckpt C`: rebuild one channel of a file (see
-docs/evaluation.md).
+"""`python -m trainer predict IN OUT.wav --ckpt C [--mode M]`: restore one channel of a file
+(see docs/evaluation.md).
 
 The file is read with `pipeline.audio` (channel policy `stereo`: mono duplicated, more channels
 cut to the first two) at the model's sample rate when the checkpoint leads to one, else at its
 own rate. The input channel goes to the output untouched (bit-identical to what
-`pipeline.audio.read` gives at the output rate); the other channel is generated window by window
-(consecutive windows of `seq_len`, `batch_size` at a time, the model's KV-cached `generate`).
-Windows are independent: the decoder starts afresh at each boundary. They follow the
-evaluation's rule (`trainer.data.windows.cover`): the last window is the file's last `seq_len`
-frames, overlapping the one before it, and only its new frames are kept; a file shorter than one
-window is padded with silence. The file streams through in blocks, so memory stays bounded
-whatever its length; the output is written under a temporary name and renamed when complete.
+`pipeline.audio.read` gives at the output rate); the other is restored by one of
+`trainer.evaluation.restore`'s modes: `estimate` (default) and `render` from the input alone,
+over windows of `seq_len` on a fixed grid joined by a crossfade, streaming in blocks so memory
+stays bounded whatever the file's length; `repair` keeps the file's own target and fills its
+gaps, holding the file in memory. The output is written under a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
@@ -22,22 +21,29 @@ from typing import TypedDict
 
 import numpy as np
 import soundfile as sf
-import torch
 from tqdm import tqdm
 
 from pipeline.audio import AudioReader
-from pipeline.codec import Codec, int16_to_pcm16
+from pipeline.codec import Codec
 from pipeline.errors import AudioError, run_cli
 from pipeline.fsutil import atomic_path
 from trainer.data.batch import DIRECTIONS
-from trainer.data.windows import cover
 from trainer.evaluation import EvaluationError
-from trainer.evaluation.generation import generate_windows
+from trainer.evaluation.baselines import to_int16
+from trainer.evaluation.gaps import GapOptions, merge_gaps
 from trainer.evaluation.loading import (
     add_runtime_options,
     apply_runtime_options,
     load_model,
     resolve_seq_len,
+)
+from trainer.evaluation.restore import (
+    CONTEXT_S,
+    MODES,
+    default_overlap,
+    estimate_range,
+    render,
+    repair,
 )
 from trainer.model import StereoT5
 
@@ -54,35 +60,18 @@ class Prediction(TypedDict):
     sample_rate: int
     rate_source: str
     direction: str
+    mode: str
+    gaps: int  # repaired (repair only)
     seq_len: int
-    windows: int
     seconds: float
-    samples_per_s: float | None
+    seconds_per_audio_second: float | None
 
 
-def _windows(
-    history: np.ndarray, inputs: np.ndarray, length: int
-) -> tuple[list[np.ndarray], list[slice]]:
-    """The shared rule's windows over `history` (input frames already written) then `inputs`,
-    those holding frames of `inputs`: int16 windows [L] (padded with silence past the end) and,
-    for each, the slice of it that is kept; the slices cover `inputs` once, in order."""
-    context = np.concatenate([history, inputs])
-    frames, done = len(context), len(history)
-    if not frames:
-        return [], []
-    padded = np.pad(context, (0, max(0, length - frames)))
-    windows, kept = [], []
-    for window in cover(frames, length):
-        first = max(window.start + window.keep_from, done)
-        stop = min(window.start + length, frames)
-        if first < stop:
-            windows.append(padded[window.start : window.start + length])
-            kept.append(slice(first - window.start, stop - window.start))
-    return windows, kept
-
-
-class _TargetChannel:
-    """Generates the target channel of a file's consecutive input frames, window by window."""
+class _Stream:
+    """Estimate (or render) of the target channel of a file's consecutive input frames: each
+    call takes the frames that follow the ones before and returns the target of those frames
+    whose windows are complete (all of them at `finish`), so memory stays at about a window
+    whatever the file's length."""
 
     def __init__(
         self,
@@ -90,42 +79,59 @@ class _TargetChannel:
         codec: Codec,
         length: int,
         batch_size: int,
-        temperature: float,
+        temperature: float | None,
         seed: int,
     ) -> None:
-        self.model, self.codec, self.length = model, codec, length
-        self.batch_size, self.temperature = batch_size, temperature
-        self.generator = None
-        if temperature > 0:
-            device = next(model.parameters()).device
-            self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.history = np.zeros(0, np.int16)  # the last `length` input samples already done
-        self.windows = 0
+        self.model, self.codec, self.length, self.batch_size = model, codec, length, batch_size
+        self.overlap = default_overlap(length)
+        self.temperature = temperature  # None: the estimate; else render at it
+        self.rng = np.random.default_rng(seed)
+        self.buffer = np.zeros(0, np.int16)
+        self.offset = 0  # the frame buffer[0] holds
+        self.done = 0  # frames returned so far
+
+    def _emit(self, stop: int) -> np.ndarray:
+        if stop <= self.done:
+            return np.zeros(0, np.int16)
+        restored = estimate_range(
+            self.model, self.codec, self.buffer, self.length, self.overlap, self.batch_size,
+            first=self.done, stop=stop, offset=self.offset,
+        )  # fmt: skip
+        hop = self.length - self.overlap
+        self.done = stop
+        keep = max(0, ((stop - self.length) // hop + 1) * hop)  # first window still needed
+        self.buffer = self.buffer[keep - self.offset :]
+        self.offset = keep
+        if self.temperature is None:
+            return to_int16(restored.mean)
+        return render(restored, self.temperature, self.rng)
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        """int16 input frames [n] that follow the ones before -> int16 target frames [n]."""
-        windows, kept = _windows(self.history, inputs, self.length)
-        self.history = np.concatenate([self.history, inputs])[-self.length :]
-        if not windows:
-            return np.zeros(0, np.int16)
-        self.windows += len(windows)
-        pred = generate_windows(
-            self.model,
-            int16_to_pcm16(np.stack(windows)),
-            self.codec,
-            self.batch_size,
-            self.temperature,
-            self.generator,
-        )
-        return np.concatenate([row[part] for row, part in zip(pred, kept, strict=True)])
+        """int16 input frames that follow the ones before -> the next int16 target frames."""
+        self.buffer = np.concatenate([self.buffer, inputs])
+        ready = self.offset + len(self.buffer) - self.length  # their windows are all read
+        if ready - self.done < self.batch_size * (self.length - self.overlap):
+            return np.zeros(0, np.int16)  # wait for a batch's worth
+        return self._emit(ready)
+
+    def finish(self) -> np.ndarray:
+        return self._emit(self.offset + len(self.buffer))
 
 
-def _check_arguments(inp: str | Path, out: Path, direction: str, batch_size: int) -> str:
+def _check_arguments(
+    inp: str | Path, out: Path, direction: str, batch_size: int, mode: str, gaps: GapOptions
+) -> str:
     """The output's soundfile format, once the arguments are known to be usable."""
     if direction not in DIRECTIONS:
         raise EvaluationError(f"direction {direction!r}: predict takes l2r or r2l")
+    if mode not in MODES:
+        raise EvaluationError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+    if (mode == "repair") != gaps.given:
+        raise EvaluationError(
+            "--mode repair needs --gaps, --gaps-file or --detect-gaps, and they go with repair only"
+        )
     fmt = _FORMATS.get(out.suffix.lower())
     if fmt is None:
         raise EvaluationError(f"{out}: the output must end in .wav or .flac")
@@ -139,47 +145,70 @@ def _with_path(exc: AudioError, inp: str | Path) -> AudioError:
     return exc if str(inp) in str(exc) else AudioError(f"{inp}: {exc}")
 
 
-def _write(
+class _Writer:
+    """The output file's frames in order: the input channel as read, the target as restored."""
+
+    def __init__(self, f: sf.SoundFile, src: int, bar: tqdm) -> None:
+        self.f, self.src, self.bar = f, src, bar
+        self.pending = np.zeros((2, 0), np.int16)  # read, target not restored yet
+        self.written = 0
+
+    def read(self, frames: np.ndarray) -> None:
+        self.pending = np.concatenate([self.pending, frames], axis=1)
+
+    def write(self, target: np.ndarray) -> None:
+        """Write the next len(target) pending frames with this target channel."""
+        n = len(target)
+        stereo = np.empty((n, 2), np.int16)
+        stereo[:, self.src] = self.pending[self.src, :n]
+        stereo[:, 1 - self.src] = target
+        self.f.write(stereo)
+        self.pending = self.pending[:, n:]
+        self.written += n
+        self.bar.update(n)
+
+
+def _restore(
     reader: AudioReader,
-    out: Path,
-    fmt: str,
-    src: int,
-    target: _TargetChannel,
-    progress: bool,
+    writer: _Writer,
+    model: StereoT5,
+    codec: Codec,
+    length: int,
+    batch_size: int,
+    mode: str,
+    temperature: float,
+    seed: int,
+    gaps: GapOptions,
 ) -> int:
-    """Stream the file into `out` (under a temporary name until complete): its input channel
-    `src` as read, the other generated, `batch_size` windows at a time; the frames written."""
-    written = 0
-    group = target.batch_size * target.length  # frames of one round of batch_size windows
-    bar = tqdm(
-        total=reader.frames, unit="sample", unit_scale=True, desc="predict", disable=not progress
-    )
-    with (
-        bar,
-        atomic_path(out) as tmp,
-        sf.SoundFile(
-            tmp, "w", samplerate=reader.sample_rate, channels=2, subtype="PCM_16", format=fmt
-        ) as f,
-    ):
-
-        def write(frames: np.ndarray) -> None:
-            nonlocal written
-            stereo = np.empty((frames.shape[1], 2), np.int16)
-            stereo[:, src] = frames[src]
-            stereo[:, 1 - src] = target(frames[src])
-            f.write(stereo)
-            written += frames.shape[1]
-            bar.update(frames.shape[1])
-
-        pending = np.zeros((2, 0), np.int16)
+    """Run `mode` over the file into `writer`; the number of gaps repaired (0 otherwise).
+    Estimate and render stream; repair holds the file (it reads the known target around each
+    gap, and its fit needs the estimate there)."""
+    src = writer.src
+    if mode != "repair":
+        stream = _Stream(
+            model, codec, length, batch_size, temperature if mode == "render" else None, seed
+        )
         for block in reader.blocks():
-            pending = np.concatenate([pending, block], axis=1)
-            while pending.shape[1] >= group:
-                write(pending[:, :group])
-                pending = pending[:, group:]
-        if pending.shape[1]:
-            write(pending)  # whole windows, then a last one overlapping the one before
-    return written
+            writer.read(block)
+            writer.write(stream(block[src]))
+        writer.write(stream.finish())
+        return 0
+    for block in reader.blocks():
+        writer.read(block)
+    x, y = writer.pending[src], writer.pending[1 - src]
+    found = merge_gaps(gaps.frames(x, y, reader.sample_rate), len(x))
+    if not found:
+        raise EvaluationError(f"{reader.path}: no gaps to repair (none given, none detected)")
+    lo, hi = found[0][0], found[-1][1]  # the estimate is needed around the gaps only
+    span = round(CONTEXT_S * reader.sample_rate) + length
+    first, stop = max(0, lo - span), min(len(x), hi + span)
+    estimate = np.zeros(len(x))
+    restored = estimate_range(
+        model, codec, x, length, default_overlap(length), batch_size, first=first, stop=stop
+    )
+    estimate[first:stop] = restored.mean
+    writer.write(repair(x, y, found, estimate, reader.sample_rate))
+    return len(found)
 
 
 def predict(
@@ -187,33 +216,44 @@ def predict(
     out: str | Path,
     ckpt: str | Path,
     direction: str = "l2r",
+    mode: str = "estimate",
+    gaps: GapOptions | None = None,
     seq_len: int | None = None,
     batch_size: int = 8,
-    temperature: float = 0.0,
+    temperature: float = 1.0,
     sample_rate: int | None = None,
     seed: int = 0,
     device: str | None = None,
     progress: bool = True,
 ) -> Prediction:
-    """Write `out`: stereo 16-bit, the input channel of `inp` and the model's other channel.
+    """Write `out`: stereo 16-bit, the input channel of `inp` and the restored other channel.
 
     Args:
         inp: any file `pipeline.audio` reads.
         out: `.wav` (or `.flac`) path; same length as the input at the output rate.
-        ckpt: a Lightning `.ckpt` or a `save_pretrained` folder.
-        direction: `l2r` (keep left, predict right) or `r2l`.
+        ckpt: a Lightning `.ckpt` or a `save_pretrained` folder with an estimate head.
+        direction: `l2r` (keep left, restore right) or `r2l`.
+        mode: `estimate` (the target from the input alone), `repair` (the file's own target,
+            its gaps filled) or `render` (the estimate plus noise at the predicted spread).
+        gaps: where the target is damaged (repair only).
         seq_len: window length (default: the training window, at most the model's max_len).
-        temperature: 0 = greedy; > 0 samples (seeded by `seed`).
+        temperature: render's, times the predicted spread (seeded by `seed`).
         sample_rate: output rate; default the training shards' rate when the checkpoint leads
             to it, else the file's own rate.
 
     Raises:
         UserError (EvaluationError, AudioError naming `inp`, ModelError): bad arguments, an
-            unreadable input or checkpoint.
+            unreadable input or checkpoint, a model without an estimate head.
     """
     out = Path(out)
-    fmt = _check_arguments(inp, out, direction, batch_size)
+    gaps = gaps or GapOptions()
+    fmt = _check_arguments(inp, out, direction, batch_size, mode, gaps)
     loaded = load_model(ckpt, device)
+    if loaded.model.estimator is None:
+        raise EvaluationError(
+            f"{loaded.path}: this model has no estimate head, which every mode uses: train one "
+            "with `estimate: {weight: 1.0}` under `model:` (configs/cpu.yaml has it)"
+        )
     length = resolve_seq_len(loaded, seq_len)
     if sample_rate:
         rate_source = "--sample-rate"
@@ -222,42 +262,68 @@ def predict(
     else:
         rate_source = f"the input's own rate (no training rate known: {loaded.sample_rate_source})"
     src = DIRECTIONS[direction]
-    target = _TargetChannel(loaded.model, loaded.codec, length, batch_size, temperature, seed)
     start_time = time.perf_counter()
     try:
         with AudioReader(inp, "stereo", sample_rate=sample_rate) as reader:
             if reader.frames <= 0:
                 raise EvaluationError(f"{inp}: no audio frames to predict from")
             rate = reader.sample_rate
-            written = _write(reader, out, fmt, src, target, progress)
+            bar = tqdm(
+                total=reader.frames, unit="sample", unit_scale=True, desc=mode,
+                disable=not progress,
+            )  # fmt: skip
+            with (
+                bar,
+                atomic_path(out) as tmp,
+                sf.SoundFile(
+                    tmp, "w", samplerate=rate, channels=2, subtype="PCM_16", format=fmt
+                ) as f,
+            ):
+                writer = _Writer(f, src, bar)
+                repaired = _restore(
+                    reader, writer, loaded.model, loaded.codec, length, batch_size, mode,
+                    temperature, seed, gaps,
+                )  # fmt: skip
     except AudioError as exc:
         raise _with_path(exc, inp) from None
     seconds = time.perf_counter() - start_time
+    written = writer.written
     return Prediction(
         out=str(out),
         frames=written,
         sample_rate=rate,
         rate_source=rate_source,
         direction=direction,
+        mode=mode,
+        gaps=repaired,
         seq_len=length,
-        windows=target.windows,
         seconds=seconds,
-        samples_per_s=written / seconds if seconds > 0 else None,
+        seconds_per_audio_second=seconds / (written / rate) if written else None,
     )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer predict",
-        description="Rebuild one channel of an audio file with a checkpoint; write stereo 16-bit.",
+        description="Restore one channel of an audio file with a checkpoint (estimate it from "
+        "the other, repair its gaps, or render it); write stereo 16-bit.",
     )
     parser.add_argument("inp", metavar="IN", help="any audio file pipeline.audio reads")
     parser.add_argument("out", metavar="OUT", help="output .wav (or .flac)")
     parser.add_argument("--ckpt", required=True, help="Lightning .ckpt or save_pretrained folder")
     parser.add_argument("--direction", default="l2r", choices=("l2r", "r2l"))
+    parser.add_argument("--mode", default="estimate", choices=MODES)
+    parser.add_argument("--gaps", default=None, help="repair: START:END,... in seconds")
+    parser.add_argument("--gaps-file", default=None, help="repair: a file of START END lines")
+    parser.add_argument(
+        "--detect-gaps",
+        action="store_true",
+        help="repair: also stretches where the target is flat (digital silence, a flat line) "
+        "while the input moves",
+    )
     parser.add_argument("--seq-len", type=int, default=None, help="default: the training window")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--temperature", type=float, default=1.0, help="render's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sample-rate", type=int, default=None, help="default: the model's")
     add_runtime_options(parser)
@@ -271,6 +337,8 @@ def _run(args: argparse.Namespace) -> None:
         args.out,
         args.ckpt,
         direction=args.direction,
+        mode=args.mode,
+        gaps=GapOptions(args.gaps, args.gaps_file, args.detect_gaps),
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         temperature=args.temperature,
@@ -279,15 +347,16 @@ def _run(args: argparse.Namespace) -> None:
         device=args.device,
         progress=not args.no_progress,
     )
+    repaired = f", {result['gaps']} gaps repaired" if result["mode"] == "repair" else ""
     print(
         f"wrote {result['out']}: {result['frames']} frames at {result['sample_rate']} Hz "
-        f"({result['rate_source']}), {result['windows']} windows of {result['seq_len']}, "
-        f"{result['samples_per_s']:.0f} samples/s"
+        f"({result['rate_source']}), {result['mode']} over windows of {result['seq_len']}"
+        f"{repaired}, {result['seconds_per_audio_second']:.3f} s per second of audio"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m trainer predict IN OUT.wav --ckpt C [--direction l2r|r2l]`; returns the exit
-    code (2 for a user error, printed as one `error:` line)."""
+    """`python -m trainer predict IN OUT.wav --ckpt C [--mode estimate|repair|render]`;
+    returns the exit code (2 for a user error, printed as one `error:` line)."""
     args = _parser().parse_args(argv)
     return run_cli(lambda: _run(args))

@@ -9,23 +9,21 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Generic, TypeVar
 
 from trainer.evaluation.baselines import CoderCost
+from trainer.evaluation.restoration import Restoration, restoration_markdown
 
 __all__ = [
     "CODERS",
     "CONTEXTS",
-    "METHODS",
     "REPORT_FORMAT",
     "Bits",
     "Check",
     "CoderRow",
     "CoderRows",
     "Counts",
-    "GeneratedWindow",
     "ModelInfo",
     "Report",
     "ReportFiles",
     "RunConfig",
-    "SnrRows",
     "SourceBits",
     "TeacherForced",
     "Timing",
@@ -33,7 +31,7 @@ __all__ = [
     "render_markdown",
 ]
 
-REPORT_FORMAT = "stereo-eval/2"
+REPORT_FORMAT = "stereo-eval/3"
 T = TypeVar("T")
 # what one scoring call sees (docs/evaluation.md): a window of --seq-len, a whole chunk, or a
 # chunk of a contiguous run with the head's state carried from the chunk before
@@ -90,26 +88,12 @@ class SourceBits:
 
 @dataclass(frozen=True)
 class Check:
-    """One check the demo's gate requires: `by` is the margin in bits per sample."""
+    """One check the demo's gate requires, passed by a margin of `by` `unit`."""
 
     check: str
     by: float
     passed: bool
-
-
-@dataclass(frozen=True)
-class SnrRows(Generic[T]):
-    """One value per way of predicting the target channel of the generated windows."""
-
-    model_greedy: T
-    model_sampled: T
-    copy: T
-    best_gain: T
-    ls_fir: T
-    codec_round_trip: T
-
-
-METHODS = tuple(f.name for f in fields(SnrRows))
+    unit: str = "bits/sample"
 
 
 @dataclass(frozen=True)
@@ -133,11 +117,11 @@ class RunConfig:
     temperature: float
     seed: int
     batch_size: int
-    seq_len: int  # the window: of scoring under `window`, of generation always
+    seq_len: int  # the window: of scoring under `window`, of restoration always
+    train_chunks: int  # the cap on training chunks the restoration's baselines are fitted on
     device: str
     flac_compression_level: float
-    fir_taps: int
-    fir_causal: bool
+    fir_taps: int  # of the least-squares baselines, two-sided
     snr_truth: str
 
 
@@ -149,8 +133,6 @@ class Counts:
     segments: int  # contiguous runs of chunks of one source (what the coders code)
     windows: int  # rows scored: windows (window), chunks (chunk, run)
     samples_scored: int
-    generated_windows: int
-    generated_samples: int
 
 
 @dataclass(frozen=True)
@@ -162,18 +144,11 @@ class TeacherForced:
 
 
 @dataclass(frozen=True)
-class GeneratedWindow:
-    source: str
-    start: int
-
-
-@dataclass(frozen=True)
 class Timing:
     score_s: float
     score_samples_per_s: float | None
     coders_s: float
-    generate_s: float
-    generate_samples_per_s: float | None
+    restore_s: float
 
 
 @dataclass(frozen=True)
@@ -205,10 +180,7 @@ class Report:
     per_source: list[SourceBits]
     coders: CoderRows[CoderRow]
     teacher_forced: TeacherForced
-    snr_db: SnrRows[float | None]
-    snr_db_per_window: SnrRows[list[float]]
-    best_gains: list[float]
-    generated_windows: list[GeneratedWindow]
+    restoration: Restoration | None  # None: --generate 0, or a model without an estimate head
     training_curve: str | None
     timing: Timing
     warnings: list[str]
@@ -220,16 +192,34 @@ class Report:
 
     def dumps(self) -> str:
         """The text of report.json."""
-        return json.dumps(asdict(self), indent=1) + "\n"
+        data = asdict(self)
+        if self.restoration is not None:
+            data["restoration"] = self.restoration.to_json()
+        return json.dumps(data, indent=1) + "\n"
 
 
-def learning_checks(bits: Bits, comparable_to_flac: bool) -> list[Check]:
+def learning_checks(
+    bits: Bits, comparable_to_flac: bool, restoration: Restoration | None
+) -> list[Check]:
     """The demo's gate (see docs/evaluation.md), as checks on the teacher-forced bits/sample:
     below FLAC of the target alone (pcm16 only: other codecs' bits are of a lossy signal), and,
     for a head with a parameter-free baseline, below the same head untrained. The logistic
     head's adaptive predictor alone already beats FLAC, so for it only the second check fails a
-    model that learned nothing."""
+    model that learned nothing. With a restoration section: the pooled estimate at least as
+    good as the least-squares filter fitted on the training split."""
     checks = []
+    if restoration is not None:
+        pooled = restoration.pooled
+        if pooled["estimate"] is not None and pooled["train_fir"] is not None:
+            margin = pooled["estimate"] - pooled["train_fir"]
+            checks.append(
+                Check(
+                    "estimate at least as good as the training-split least-squares filter",
+                    margin,
+                    margin >= 0,
+                    "dB",
+                )
+            )
     if comparable_to_flac:
         margin = bits.flac_target_alone - bits.model
         checks.append(Check("below FLAC of target alone", margin, margin > 0))
@@ -332,29 +322,8 @@ def _coders_note(report: Report) -> str:
     )
 
 
-def _snr_table(report: Report) -> list[str]:
-    snr, cfg = report.snr_db, report.config
-    side = "two-sided" if not cfg.fir_causal else "causal"
-    lines = [
-        f"| generated target, {report.counts.generated_windows} windows x {cfg.seq_len} | SNR dB |",
-        "|---|---:|",
-        f"| model greedy | {_fmt(snr.model_greedy, 2)} |",
-        f"| model sampled (T = {cfg.temperature:g}) | {_fmt(snr.model_sampled, 2)} |",
-        f"| copy input | {_fmt(snr.copy, 2)} |",
-        f"| best gain | {_fmt(snr.best_gain, 2)} |",
-        f"| LS FIR, {cfg.fir_taps} taps {side}, fitted per window (oracle) "
-        f"| {_fmt(snr.ls_fir, 2)} |",
-    ]
-    if not report.codec_exact:
-        lines.append(
-            f"| {report.codec} round trip of the truth (ceiling) "
-            f"| {_fmt(snr.codec_round_trip, 2)} |"
-        )
-    return lines
-
-
 def render_markdown(report: Report) -> str:
-    """The tables of report.md, readable in ten seconds: bits, bits per source, SNR."""
+    """The tables of report.md, readable in ten seconds: bits, bits per source, restoration."""
     counts = report.counts
     lines = [
         f"# Evaluation: {report.split} split",
@@ -369,16 +338,15 @@ def render_markdown(report: Report) -> str:
         *_bits_table(report),
         "",
         *(
-            f"- model {c.check}: {'yes' if c.passed else 'NO'}, by {c.by:.3f} bits/sample"
+            f"- model {c.check}: {'yes' if c.passed else 'NO'}, by {c.by:.3f} {c.unit}"
             for c in report.checks
         ),
         *([""] if report.checks else []),
         *_source_table(report),
         "",
-        *_snr_table(report),
+        *(restoration_markdown(report.restoration, report.split) if report.restoration else []),
         "",
         _coders_note(report),
-        "SNR: against the original 16-bit target, energies summed over windows.",
     ]
     lines += [f"\nwarning: {w}" for w in report.warnings]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from pipeline.codec import Codec, pcm16_to_int16
 from trainer.data.batch import IGNORE, tokenize
 from trainer.data.eval_stream import EvalStream
-from trainer.data.windows import eval_windows
 from trainer.evaluation.segments import Piece, Segment, join_chunks
 from trainer.model import Scored, StereoT5
 
@@ -26,7 +25,6 @@ __all__ = [
     "SplitScore",
     "Sums",
     "limit_chunks",
-    "pick_windows",
     "score_split",
     "split_score",
 ]
@@ -124,24 +122,6 @@ def limit_chunks(samples: list[int], max_chunks: int | None) -> list[int]:
         out.append(take)
         left -= take
     return out
-
-
-def pick_windows(
-    pieces: Sequence[Piece], length: int, count: int
-) -> tuple[list[np.ndarray], list[tuple[str, int]]]:
-    """`count` windows of `length` spread evenly over the pieces' eval windows (manifest order):
-    uint16 [2, L] (left, right) each, and its (source, start)."""
-    if not pieces:
-        return [], []
-    starts, _ = eval_windows(pieces[0].samples.shape[1], length)
-    total = len(pieces) * len(starts)
-    picked = sorted(set(np.linspace(0, total - 1, min(count, total)).round().astype(int)))
-    windows, meta = [], []
-    for number in picked:
-        piece, start = pieces[number // len(starts)], int(starts[number % len(starts)])
-        windows.append(piece.samples[:, start : start + length].copy())
-        meta.append((piece.source, piece.start + start))
-    return windows, meta
 
 
 def score_split(

@@ -8,7 +8,6 @@ import math
 
 from trainer.data.eval_stream import EvalStream
 from trainer.evaluation.baselines import level_entropy, snr_from_energies
-from trainer.evaluation.generation import Generated
 from trainer.evaluation.loading import LoadedModel
 from trainer.evaluation.report import (
     CODERS,
@@ -90,7 +89,7 @@ def per_source(scored: SplitScore, coders: CoderRows[CoderRow]) -> list[SourceBi
     return rows
 
 
-def counts(stream: EvalStream, scored: SplitScore, generated: int, length: int) -> Counts:
+def counts(stream: EvalStream, scored: SplitScore) -> Counts:
     return Counts(
         shards=len(stream.split.samples),
         chunks=scored.chunks,
@@ -98,8 +97,6 @@ def counts(stream: EvalStream, scored: SplitScore, generated: int, length: int) 
         segments=len(scored.segments),
         windows=scored.windows,
         samples_scored=scored.sums.count,
-        generated_windows=generated,
-        generated_samples=generated * length,
     )
 
 
@@ -113,11 +110,10 @@ def teacher_forced(scored: SplitScore) -> TeacherForced:
     )
 
 
-def timing(scored: SplitScore, coders_s: float, gen: Generated) -> Timing:
+def timing(scored: SplitScore, coders_s: float, restore_s: float) -> Timing:
     return Timing(
         score_s=scored.seconds,
         score_samples_per_s=scored.sums.count / scored.seconds if scored.seconds else None,
         coders_s=coders_s,
-        generate_s=gen.seconds,
-        generate_samples_per_s=gen.samples_per_s,
+        restore_s=restore_s,
     )

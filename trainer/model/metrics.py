@@ -18,13 +18,14 @@ SUM_FIELDS = ("nll", "count", "correct", "signal", "error")
 
 class SumMetrics(Metric):
     """float64 sums of the fields above plus one NLL sum per name in ``extras`` (a head's
-    reference scores, e.g. ``untrained``); reduced by summing across processes."""
+    reference scores, e.g. ``untrained``) and, with ``estimate``, the estimate head's error
+    energy; reduced by summing across processes."""
 
     full_state_update = False
 
-    def __init__(self, extras: tuple[str, ...] = ()) -> None:
+    def __init__(self, extras: tuple[str, ...] = (), estimate: bool = False) -> None:
         super().__init__()
-        self.fields = (*SUM_FIELDS, *extras)
+        self.fields = (*SUM_FIELDS, *extras, *(("estimate_error",) if estimate else ()))
         self.extras = extras
         for name in self.fields:
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -38,8 +39,9 @@ class SumMetrics(Metric):
 
 
 def summarize(sums: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> dict:
-    """Sums -> loss (nats/sample), bits_per_sample, accuracy, snr_db and, per extra NLL,
-    ``bits_per_sample_<name>``; zero count gives 0, not NaN.
+    """Sums -> loss (nats/sample), bits_per_sample, accuracy, snr_db (and the estimate head's
+    estimate_snr_db) and, per extra NLL, ``bits_per_sample_<name>``; zero count gives 0, not
+    NaN.
 
     Error energy is a sum of squared int16 differences, so it is 0 or >= 1: clamping both
     energies at 1 only changes the 0/0 and x/0 cases (a perfect prediction reports 10 log10 of
@@ -53,6 +55,9 @@ def summarize(sums: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> di
     if "signal" in sums:
         ratio = sums["signal"].clamp(min=1) / sums["error"].clamp(min=1)
         out["snr_db"] = 10 * torch.log10(ratio)
+        if "estimate_error" in sums:
+            ratio = sums["signal"].clamp(min=1) / sums["estimate_error"].clamp(min=1)
+            out["estimate_snr_db"] = 10 * torch.log10(ratio)
     return out
 
 

@@ -10,7 +10,6 @@ docs/architecture.md and docs/training.md.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +28,11 @@ from trainer.model.body import body_config, build_body, check_settings
 from trainer.model.decoding import decode
 from trainer.model.embeddings import ValueEmbedding
 from trainer.model.errors import ModelError
+from trainer.model.estimator import Estimate, EstimateLoss, Estimator, estimate, unit_samples
 from trainer.model.heads import HeadOptions, resolve_head
 from trainer.model.lora import base_body, wrap_lora
 from trainer.model.metrics import LN2, SumMetrics, energy_sums
-from trainer.model.optim import lr_factor, param_groups, total_steps
+from trainer.model.optim import clip_apart, configure_adamw, param_groups
 from trainer.model.patched import TwoLevel
 from trainer.model.tokens import (
     check_tokens,
@@ -53,6 +53,7 @@ class Scored(TypedDict):
     nll: torch.Tensor  # [B, L] nats, 0 where ignored
     untrained_nll_sum: torch.Tensor | None  # the same head at step 0, when it has that baseline
     untrained_nll: torch.Tensor | None  # [B, L] its nats per position, 0 where ignored
+    estimate: EstimateLoss | None  # the estimate head's sums, when the model has one
     state: Any  # the head's state after the window (None: nothing to carry, see ``score``)
 
 
@@ -74,6 +75,10 @@ class StereoT5(pl.LightningModule):
         head: a head name (``auto``, ``full``, ``chunked``, ``coarse_fine``, ``logistic``) or
             its options (``trainer.model.heads.*Options``: a ``class_path`` with
             ``init_args`` in a config).
+        estimate: ``{"taps", "smooth", "hidden", "weight", "lr"}``: add the estimate head
+            (``trainer.model.estimator``) on the encoder's states (detached), trained beside
+            the teacher-forced loss with ``weight`` times its own, at learning rate ``lr``
+            (default: the model's); None: no estimate head.
         align: add a learned embedding of input token t to decoder input t.
         value_embed: add the level as a number to each token embedding.
         residual: model each sample as its difference from the one before (exact).
@@ -102,6 +107,7 @@ class StereoT5(pl.LightningModule):
         max_len: int = 2048,
         body_window: int = 0,
         head: HeadOptions | str = "auto",
+        estimate: dict[str, Any] | None = None,
         align: bool = False,
         value_embed: bool = True,
         residual: bool = False,
@@ -149,6 +155,10 @@ class StereoT5(pl.LightningModule):
             self.patch = TwoLevel(levels, patch_size, d_model, *local, value_embed, align)
             self.t5.shared.requires_grad_(False)  # a 1-row placeholder: never used
         self.head = self.head_options.build(local_d if patched else d_model, levels)
+        options = dict(estimate or {})
+        self.estimate_weight = float(options.pop("weight", 1.0))
+        self.estimate_lr: float | None = options.pop("lr", None)
+        self.estimator = Estimator(d_model, **options) if estimate is not None else None
         # input samples the head reads past a window's end (its predictor's lookahead), and
         # whether it has a state worth carrying from one window of a stream to the next
         self.lookahead: int = getattr(self.head, "lookahead", 0)
@@ -161,9 +171,10 @@ class StereoT5(pl.LightningModule):
         # token -> int16 sample value, for SNR without per-batch range checks (host syncs)
         table = torch.as_tensor(self.codec.decode_table().astype("int64")) - 32768
         self.register_buffer("int16_of_token", table, persistent=False)
-        self.val_sums = SumMetrics(self.head.extra_names)
-        self.test_sums = SumMetrics(self.head.extra_names)
-        self._hidden_fn: Callable[..., torch.Tensor] = self.hidden
+        estimates = self.estimator is not None
+        self.val_sums = SumMetrics(self.head.extra_names, estimates)
+        self.test_sums = SumMetrics(self.head.extra_names, estimates)
+        self._hidden_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.hidden
         self._checked = False
 
         if init_from:
@@ -189,35 +200,61 @@ class StereoT5(pl.LightningModule):
             emb = emb + self.value_embed(tokens).to(emb.dtype)
         return emb
 
-    def hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced decoder states [B, L, d] (patched: the local model's [B, L, local_d]):
-        position t has seen labels < t of its body window and, with align, input token t
-        (patched: input patch k of its sample)."""
+    def hidden(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced states: the encoder's [B, L, d_model] (patched: its patch's, per
+        sample) and the decoder's [B, L, d] (patched: the local model's [B, L, local_d]; None
+        without labels, the encoder alone). Position t of the decoder has seen labels < t of
+        its body window and, with align, input token t (patched: input patch k of its
+        sample)."""
         window = self.body_window
-        batch, length = labels.shape
+        batch, length = input_ids.shape
         if window and length > window:
             pad = -length % window
             ids = F.pad(input_ids, (0, pad), value=self.pad_id).view(-1, window)
-            out = self._hidden(ids, F.pad(labels, (0, pad), value=IGNORE).view(-1, window))
-            return out.view(batch, length + pad, -1)[:, :length]
+            if labels is not None:
+                labels = F.pad(labels, (0, pad), value=IGNORE).view(-1, window)
+            enc, dec = self._hidden(ids, labels)
+            enc = enc.reshape(batch, length + pad, -1)[:, :length]
+            if dec is not None:
+                dec = dec.reshape(batch, length + pad, -1)[:, :length]
+            return enc, dec
         return self._hidden(input_ids, labels)
 
-    def _hidden(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _hidden(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         body = self.body
         if self.patch is not None:
-            self._check_window(labels.shape[1])
-            enc_in, dec_in = self.patch.global_inputs(input_ids, labels, self.pad_id)
+            self._check_window(input_ids.shape[1])
+            if labels is None:
+                enc_in = self.patch.encoder_inputs(input_ids)
+            else:
+                enc_in, dec_in = self.patch.global_inputs(input_ids, labels, self.pad_id)
             enc = body.encoder(inputs_embeds=enc_in).last_hidden_state
+            per_sample = enc.repeat_interleave(self.patch_size, dim=1)
+            if labels is None:
+                return per_sample, None
             out = body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
-            return self.patch.local_hidden(out, labels, self.pad_id)
+            return per_sample, self.patch.local_hidden(out, labels, self.pad_id)
         enc = body.encoder(inputs_embeds=self.embed(input_ids)).last_hidden_state
+        if labels is None:
+            return enc, None
         dec_in = self.embed(shift_right(labels, self.pad_id))
         if self.align_embed is not None:
             dec_in = dec_in + self.align_embed(input_ids)
-        return body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
+        dec = body.decoder(inputs_embeds=dec_in, encoder_hidden_states=enc).last_hidden_state
+        return enc, dec
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._hidden_fn(input_ids, labels)
+
+    def estimate(self, input_ids: torch.Tensor) -> Estimate:
+        """The estimate head on input tokens [B, L], in int16 units (``estimator.estimate``)."""
+        return estimate(self, input_ids)
 
     def score(
         self,
@@ -239,8 +276,15 @@ class StereoT5(pl.LightningModule):
         inputs, targets = input_ids, labels
         if self.residual:
             inputs, targets = to_residual(input_ids, self.levels), to_residual(labels, self.levels)
-        hidden = self(inputs[:, :length], targets)
+        enc, hidden = self(inputs[:, :length], targets)
         out = self.head(hidden, targets, inputs, state)
+        estimated = None
+        if self.estimator is not None:
+            x = unit_samples(input_ids[:, :length], self.int16_of_token)
+            y = unit_samples(labels, self.int16_of_token)
+            estimated = Estimator.loss(self.estimator(enc, x), y, labels != IGNORE)
+            if self.training:
+                self.estimator.observe(x, y, labels != IGNORE)
         pred = out.prediction
         if self.residual:
             pred = from_residual(pred, shift_right(labels, IGNORE), self.levels)
@@ -254,6 +298,7 @@ class StereoT5(pl.LightningModule):
             nll=out.nll,
             untrained_nll_sum=None if untrained is None else untrained.sum(),
             untrained_nll=untrained,
+            estimate=estimated,
             state=out.state,
         )
 
@@ -323,7 +368,12 @@ class StereoT5(pl.LightningModule):
         self.log("train/loss", loss.detach())
         self.log("train/bits_per_sample", loss.detach() / LN2, prog_bar=True)
         self.log("train/accuracy", (scored["correct"] / count).detach())
-        return loss
+        est = scored["estimate"]
+        if est is None:
+            return loss
+        ratio = (est.error / est.signal.clamp(min=1.0)).detach()
+        self.log("train/estimate_snr_db", -10 * torch.log10(ratio.clamp(min=1e-12)))
+        return loss + self.estimate_weight * est.loss()
 
     def metric_sums(self, labels: torch.Tensor, scored: Scored) -> dict[str, torch.Tensor]:
         """The sums ``SumMetrics`` adds up for one scored batch."""
@@ -335,6 +385,8 @@ class StereoT5(pl.LightningModule):
         }
         if scored["untrained_nll_sum"] is not None:
             sums["untrained"] = scored["untrained_nll_sum"]
+        if scored["estimate"] is not None:
+            sums["estimate_error"] = scored["estimate"].error
         return sums
 
     def _eval_step(self, batch: Batch, sums: SumMetrics) -> torch.Tensor:
@@ -363,14 +415,17 @@ class StereoT5(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr)
-        total = total_steps(hp.max_steps, self._trainer)
-        schedule = functools.partial(lr_factor, warmup=hp.warmup_steps, total=total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
-        }
+        own = (self.estimator, self.estimate_lr) if self.estimate_lr else None
+        return configure_adamw(self, hp, param_groups(self, hp.weight_decay, own), self._trainer)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:  # fmt: skip
+        """The estimate head's gradients are clipped apart from the rest, so that the rest
+        trains as it would without the head."""
+        parts = [self.estimator] if self.estimator is not None else []
+        clip_apart(self, parts, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._hidden_fn == self.hidden:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 EXPORT_FORMAT = "stereo-t5/1"
 META_NAME = "stereo_t5.json"
 HEADS_NAME = "heads.safetensors"
-EXTRA_PARTS = ("head", "align_embed", "value_embed", "patch")  # saved in heads.safetensors
+EXTRA_PARTS = ("head", "estimator", "align_embed", "value_embed", "patch")  # in heads.safetensors
 WEIGHT_PARTS = ("t5", *EXTRA_PARTS)
 # What a Lightning checkpoint may hold beyond tensors, containers and primitives: hyperparameters
 # saved as Lightning's AttributeDict. Everything else is refused.
@@ -150,7 +150,8 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[StereoT5, dict[str, 
 
 
 def extra_state(model: StereoT5) -> dict[str, torch.Tensor]:
-    """Weights outside the T5 body: ``head``, ``align_embed``, ``value_embed``, ``patch``."""
+    """Weights outside the T5 body: ``head``, ``estimator``, ``align_embed``, ``value_embed``,
+    ``patch``."""
     state = {}
     for prefix in EXTRA_PARTS:
         module = getattr(model, prefix)

@@ -75,11 +75,6 @@ class Head(nn.Module):
         log-probability of it."""
         raise NotImplementedError
 
-    def estimate(self, hidden: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor | None:
-        """A non-autoregressive point estimate of the target (tokens [B, L]) from states that
-        saw no target, or None when the head has none (no head has one yet)."""
-        return None
-
 
 def pick(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None
