@@ -150,7 +150,7 @@ def test_repair_keeps_known_samples_and_comes_close_to_the_function(trained):
     np.testing.assert_array_equal(out[~missing], y[~missing])
     assert all(step <= bound for step, bound in seam_steps(out, y, gaps, RATE))
     for a, b in gaps:
-        baseline = fit_gap(x, damaged, (a, b), missing, RATE)[1:-1]
+        baseline = fit_gap(x, damaged, (a, b), missing, RATE).inside
         ours, theirs = snr_db(y[a:b], out[a:b]), snr_db(y[a:b], baseline)
         assert ours > theirs + 1.0 and ours > 10.0, (ours, theirs)
 

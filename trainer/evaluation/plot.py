@@ -98,7 +98,7 @@ def _gap(fig: Figure, cell: SubplotSpec, example: dict[str, list[int]], rate: in
     ax.set_title("one repaired gap")
 
 
-def _spectrograms(fig: Figure, cell: SubplotSpec, example: dict[str, list[int]], rate: int):
+def _spectrograms(fig: Figure, cell: SubplotSpec, example: dict[str, list[int]], rate: int) -> None:
     truth, estimate = example["window_truth"], example["window_estimate"]
     nfft = int(min(512, max(16, 2 ** int(math.log2(max(16, len(truth) // 8))))))
     spec = np.concatenate([_spectrogram(truth, nfft), _spectrogram(estimate, nfft)], axis=1)

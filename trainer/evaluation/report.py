@@ -5,7 +5,7 @@ docs/evaluation.md for what each figure measures."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Generic, TypeVar
 
 from trainer.evaluation.baselines import CoderCost
@@ -192,7 +192,7 @@ class Report:
 
     def dumps(self) -> str:
         """The text of report.json."""
-        data = asdict(self)
+        data = asdict(replace(self, restoration=None))  # not a deep copy of its audio
         if self.restoration is not None:
             data["restoration"] = self.restoration.to_json()
         return json.dumps(data, indent=1) + "\n"

@@ -93,9 +93,6 @@ class _Energy:
         self.signal += float(np.square(truth).sum())
         self.error += float(np.square(truth - pred.astype(np.float64)).sum())
 
-    def snr(self) -> float | None:
-        return snr_from_energies(self.signal, self.error) if self.signal or self.error else None
-
 
 @dataclass
 class SourceRestoration:
@@ -217,9 +214,8 @@ def _restore_segment(
     gap_rows = {name: _Energy() for name in REPAIR_ROWS}
     for a, b in gaps:
         gap_rows["repair"].add(y[a:b], repaired[a:b])
-        fitted = fit_gap(x, y, (a, b), missing, rate)
-        inside = np.zeros(b - a) if fitted is None else fitted[int(a > 0) :][: b - a]
-        gap_rows["gap_fir"].add(y[a:b], to_int16(inside))
+        fit = fit_gap(x, y, (a, b), missing, rate)
+        gap_rows["gap_fir"].add(y[a:b], to_int16(np.zeros(b - a) if fit is None else fit.inside))
     at_peak = np.abs(estimate.astype(np.int32)) >= INT16_PEAK
     xf, yf = x.astype(np.float64), y.astype(np.float64)
     return _Segment(
@@ -242,13 +238,11 @@ def _restore_segment(
 
 def _source(source: str, parts: list[_Segment]) -> SourceRestoration:
     """A source's figures over its segments (energies summed)."""
-    energies = {}
-    for name in ESTIMATE_ROWS:
-        energies[name] = [sum(p.rows[name].signal for p in parts),
-                          sum(p.rows[name].error for p in parts)]  # fmt: skip
-    for name in REPAIR_ROWS:
-        energies[name] = [sum(p.gap_rows[name].signal for p in parts),
-                          sum(p.gap_rows[name].error for p in parts)]  # fmt: skip
+    rows = [{**p.rows, **p.gap_rows} for p in parts]
+    energies = {
+        name: [sum(r[name].signal for r in rows), sum(r[name].error for r in rows)]
+        for name in (*ESTIMATE_ROWS, *REPAIR_ROWS)
+    }
     xy, xx, yy = (sum(p.correlation_sums[k] for p in parts) for k in range(3))
     worst = [p.level[2] for p in parts if p.level[2] is not None]
     return SourceRestoration(

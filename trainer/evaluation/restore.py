@@ -34,6 +34,7 @@ __all__ = [
     "CONTEXT_S",
     "MODES",
     "SEAM_DECAY_S",
+    "GapFit",
     "Restored",
     "default_overlap",
     "estimate_range",
@@ -143,6 +144,16 @@ def _known_context(frames: int, gap: tuple[int, int], missing: np.ndarray, rate:
     return idx[~missing[idx]]
 
 
+@dataclass(frozen=True)
+class GapFit:
+    """A gap's least-squares prediction (float64): over the gap, and at the frame before and
+    the frame after it (None at the track's ends), where the known target shows its error."""
+
+    inside: np.ndarray
+    before: float | None
+    after: float | None
+
+
 def fit_gap(
     x: np.ndarray,
     y: np.ndarray,
@@ -150,11 +161,10 @@ def fit_gap(
     missing: np.ndarray,
     rate: int,
     extra: Sequence[np.ndarray] = (),
-) -> np.ndarray | None:
-    """The least-squares prediction (float64) of y over the gap and its two neighbouring
-    frames [a - 1, b + 1) (clipped to the track) from the input's GAP_TAPS two-sided taps and
-    the `extra` regressors, fitted on the known target around the gap; None when no known
-    frame is near."""
+) -> GapFit | None:
+    """The least-squares prediction of y over the gap [a, b) and its two neighbouring frames
+    from the input's GAP_TAPS two-sided taps and the `extra` regressors, fitted on the known
+    target around the gap; None when no known frame is near."""
     frames = len(x)
     a, b = gap
     context = _known_context(frames, gap, missing, rate)
@@ -168,7 +178,10 @@ def fit_gap(
     if extra:
         design = np.column_stack([design, *(e[lo:hi] for e in extra)])
     coef, *_ = np.linalg.lstsq(design[context - lo], y[context].astype(np.float64), rcond=None)
-    return design[max(0, a - 1) - lo : min(frames, b + 1) - lo] @ coef
+    fitted = design[max(0, a - 1) - lo : min(frames, b + 1) - lo] @ coef
+    before = float(fitted[0]) if a > 0 else None
+    after = float(fitted[-1]) if b < frames else None
+    return GapFit(fitted[int(a > 0) :][: b - a], before, after)
 
 
 def _extrapolate(history: np.ndarray, steps: int) -> np.ndarray | None:
@@ -229,16 +242,15 @@ def repair(
         missing[a:b] = True
     decay = SEAM_DECAY_S * rate
     for a, b in gaps:
-        fitted = fit_gap(x, y, (a, b), missing, rate, (estimate,))
-        if fitted is None:  # nothing known near: the estimate alone
+        fit = fit_gap(x, y, (a, b), missing, rate, (estimate,))
+        if fit is None:  # nothing known near: the estimate alone
             out[a:b] = to_int16(estimate[a:b])
             continue
-        inside = fitted[1:] if a > 0 else fitted
-        inside = inside[: b - a].copy()
+        inside = fit.inside.copy()
         t = np.arange(b - a)
-        if a > 0 and not missing[a - 1]:
-            inside += (float(y[a - 1]) - fitted[0]) * np.exp(-(t + 1) / decay)
-        if b < len(y) and not missing[b]:
-            inside += (float(y[b]) - fitted[-1]) * np.exp(-(b - a - t) / decay)
+        if fit.before is not None and not missing[a - 1]:
+            inside += (float(y[a - 1]) - fit.before) * np.exp(-(t + 1) / decay)
+        if fit.after is not None and not missing[b]:
+            inside += (float(y[b]) - fit.after) * np.exp(-(b - a - t) / decay)
         out[a:b] = to_int16(_blend_ends(inside, y, (a, b), missing, rate))
     return out
