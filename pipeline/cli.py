@@ -58,6 +58,7 @@ def _cmd_shard(args: argparse.Namespace) -> None:
         include=args.include,
         group_by=args.group_by,
         interleave=args.interleave,
+        splits_from=args.splits_from,
     )
     _print_shard_summary(m, args.out or args.index.parent)
 
@@ -78,7 +79,7 @@ def _print_shard_summary(m, out: Path) -> None:
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from pipeline.shard import merge_manifests
+    from pipeline.merge import merge_manifests
 
     out = args.out or args.folders[0]
     _print_shard_summary(merge_manifests(args.folders, args.out), out)
@@ -174,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="fraction for test besides test/ folders (default 0.1 when the tree "
         "has no test folder, else 0)",
+    )
+    p.add_argument(
+        "--splits-from",
+        type=Path,
+        metavar="MANIFEST",
+        help="keep the splits an earlier shard set forced (its manifest.json or folder) when "
+        "val or test drew no group, so added files move no group (default: the set in --out)",
     )
     p.add_argument(
         "--channels",

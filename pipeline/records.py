@@ -136,6 +136,7 @@ class AudioIndex:
 
 MANIFEST_FORMAT = "audio-shards/1"
 SPLITS = ("train", "val", "test")
+CONFIG_STAMP = "shard-config.json"
 
 
 @dataclass
@@ -183,9 +184,16 @@ class ShardConfig:
     include: list[str]
     shard_bytes: int
     window: int
+    # group -> split, for the groups whose hash draw did not place them: forced into a split the
+    # draw left empty, by this run or an earlier one (`shard --splits-from`); see docs/data.md
+    forced_splits: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        """Without `forced_splits` when none was forced: such a set's stamp is what it was."""
+        data = dict(vars(self))
+        if not data["forced_splits"]:
+            del data["forced_splits"]
+        return data
 
 
 @dataclass
@@ -245,3 +253,26 @@ class Manifest:
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, dumps(self.to_dict()))
+
+
+def recorded_splits(path: Path | str, *, required: bool = True) -> dict[str, str]:
+    """The forced splits of an earlier shard set, from its manifest, its config stamp, or their
+    folder (the stamp, written before the first shard, serves a run stopped before its manifest).
+
+    Without `required`, a folder that holds no shard set records none.
+    """
+    path = Path(path)
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        path = manifest if manifest.exists() else path / CONFIG_STAMP
+    if not required and not path.exists():
+        return {}
+    data = load_json(path, "shard manifest or config stamp")
+    config = data.get("config", data)
+    if "index_sha256" not in config:
+        raise PipelineError(f"{path}: not a shard manifest or config stamp; pass a manifest.json")
+    forced = config.get("forced_splits", {})
+    for group, split in forced.items():
+        if split not in SPLITS:
+            raise PipelineError(f"{path}: {group!r} is forced into {split!r}, not a split")
+    return forced

@@ -26,6 +26,7 @@ from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
 from pipeline.parallel import parallel_map
 from pipeline.records import (
+    CONFIG_STAMP,
     SPLITS,
     AudioIndex,
     ChunkMeta,
@@ -35,12 +36,12 @@ from pipeline.records import (
     ShardInfo,
     dumps,
     load_json,
+    recorded_splits,
 )
+from pipeline.splits import decide_splits, default_test
 from pipeline.tario import ShardWriter, npy_bytes
 
-CONFIG_STAMP = "shard-config.json"
 JOURNAL = ".done"  # one small JSON per finished shard, so a re-run resumes where it stopped
-_SPLIT_FOLDERS = {"test": "test", "val": "val", "valid": "val", "validation": "val"}
 # tar header + npy header, and a 512-byte-padded json member with its header, per sample
 _SAMPLE_OVERHEAD = 512 + 128 + 1024 + 511
 
@@ -63,31 +64,6 @@ def parse_bytes(spec: str | int) -> int:
         raise PipelineError(f"size {spec!r}: expected a number with an optional unit, e.g. 256MB")
     base = 1024 if match[3] else 1000
     return int(float(match[1]) * base ** " KMG".index(match[2].upper() or " "))
-
-
-def _fraction(seed: int, key: str) -> float:
-    """A stable uniform number in [0, 1) for a group: adding groups never moves another."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def group_of(rel: str, group_by: str) -> str:
-    if group_by == "parent":
-        return os.path.dirname(rel)
-    if group_by == "file":
-        return rel
-    if group_by.startswith("regex:"):
-        match = re.search(group_by[6:], rel)
-        return (match.group(1) if match and match.groups() else match.group(0)) if match else rel
-    raise PipelineError(f"--group-by {group_by!r}: expected parent, file or regex:PATTERN")
-
-
-def split_of(rel: str, group: str, seed: int, val: float, test: float) -> str:
-    for part in rel.lower().split("/")[:-1]:
-        if part in _SPLIT_FOLDERS:
-            return _SPLIT_FOLDERS[part]
-    u = _fraction(seed, group)
-    return "test" if u < test else "val" if u < test + val else "train"
 
 
 def choose_sample_rate(index: AudioIndex, files: list[str], sample_rate: str | int | None) -> int:
@@ -226,8 +202,13 @@ def plan_shards(
     include: list[str] | None = None,
     group_by: str = "parent",
     interleave: int = 16,
+    splits_from: Path | str | None = None,
 ) -> ShardPlan:
-    """Check the inputs and decide every chunk's place from the index alone."""
+    """Check the inputs and decide every chunk's place from the index alone.
+
+    `splits_from` (a manifest, or its folder) names the earlier set whose forced splits are kept;
+    by default the set already in `out`, if any, so that a re-run plans what that run planned.
+    """
     if chunk_frames <= 0:
         raise PipelineError(f"--chunk-frames {chunk_frames}: must be a positive number of frames")
     if not (0 <= val < 1 and (test is None or 0 <= test < 1) and val + (test or 0) < 1):
@@ -261,8 +242,16 @@ def plan_shards(
         raise PipelineError(f"{index_path}: no file is usable with --channels {policy}")
     rate = choose_sample_rate(index, usable, sample_rate)
     if test is None:
-        has_test_folder = any("test" in rel.lower().split("/")[:-1] for rel in usable)
-        test = 0.0 if has_test_folder else 0.1
+        test = default_test(usable)
+    frames = {
+        rel: resampled_frames(index.files[rel].frames, index.files[rel].sample_rate, rate)
+        for rel in usable
+    }
+    earlier = out if splits_from is None else Path(splits_from)
+    kept = recorded_splits(earlier, required=splits_from is not None)
+    splits = decide_splits(
+        {rel: n // chunk_frames for rel, n in frames.items()}, group_by, seed, val, test, kept
+    )
     config = ShardConfig(
         index_sha256=file_sha256(index_path),
         chunk_frames=chunk_frames,
@@ -276,17 +265,15 @@ def plan_shards(
         include=list(include or []),
         shard_bytes=parse_bytes(shard_bytes),
         window=interleave,  # the stored key keeps its name: old shard sets still load
+        forced_splits=splits.forced,
     )
     files: dict[str, list[_File]] = {s: [] for s in SPLITS}
-    dropped = 0
     for rel in usable:
-        entry = index.files[rel]
-        frames = resampled_frames(entry.frames, entry.sample_rate, rate)
-        group = group_of(rel, group_by)
-        split = split_of(rel, group, seed, val, test)
+        split, group = splits.of[rel]
         key = hashlib.sha256(rel.encode()).hexdigest()[:16]
-        files[split].append(_File(rel, entry, split, group, frames // chunk_frames, key))
-        dropped += frames % chunk_frames
+        chunks = frames[rel] // chunk_frames
+        files[split].append(_File(rel, index.files[rel], split, group, chunks, key))
+    dropped = sum(n % chunk_frames for n in frames.values())
     if not any(f.chunks for f in files["train"]):
         raise PipelineError(
             f"{index_path}: the train split is empty (no file holds a whole chunk of "
@@ -360,9 +347,11 @@ def _stamp_config(out: Path, config: ShardConfig) -> None:
                 for k in sorted(existing.keys() | config.to_dict().keys())
                 if existing.get(k) != config.to_dict().get(k)
             ]
+            forced = existing.get("forced_splits")
+            keep = f" (with --splits-from {out} to keep its forced splits)" if forced else ""
             raise PipelineError(
                 f"{out}: holds a shard set made with another config (differs in: "
-                f"{', '.join(diff)}); pass another --out or delete that folder"
+                f"{', '.join(diff)}); pass another --out{keep} or delete that folder"
             )
         return
     if out.exists() and any(out.glob("*/*.tar")):
@@ -453,53 +442,3 @@ def write_shards(
     name = "manifest.json" if part is None else f"manifest.part-{part[0]}-of-{part[1]}.json"
     manifest.save(out / name)
     return manifest
-
-
-def merge_manifests(folders: list[Path], out: Path | None = None) -> Manifest:
-    """Join the manifests of `--partition` parts (in one or several folders) into one set."""
-    out = Path(out) if out is not None else Path(folders[0])
-    parts: list[tuple[Path, Manifest]] = []
-    for folder in folders:
-        found = sorted(Path(folder).glob("manifest.part-*-of-*.json"))
-        if not found:
-            raise PipelineError(
-                f"{folder}: no manifest.part-I-of-N.json here; run shard with --partition I/N first"
-            )
-        parts += [(p.parent, Manifest.load(p)) for p in found]
-    first = parts[0][1]
-    count = first.partition[1] if first.partition else 1
-    seen = sorted(m.partition[0] for _, m in parts if m.partition)
-    if seen != list(range(count)):
-        missing = sorted(set(range(count)) - set(seen))
-        raise PipelineError(
-            f"merge: parts {missing} of {count} are missing (or a part is "
-            "listed twice); run them before merging"
-        )
-    for folder, m in parts:
-        if m.config != first.config or m.partition[1] != count:
-            raise PipelineError(f"{folder}: this part was made with another config; re-run it")
-    shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
-    rejected: dict[str, str] = {}
-    for folder, m in parts:
-        rel = os.path.relpath(folder, out)
-        for split, infos in m.shards.items():
-            for info in infos:
-                path = info.path if rel == "." else f"{rel}/{info.path}"
-                shards[split].append(ShardInfo(**{**vars(info), "path": path}))
-        rejected.update(m.rejected)
-    for split in shards:
-        shards[split].sort(key=lambda s: Path(s.path).name)
-    merged = Manifest(
-        config=first.config,
-        root=first.root,
-        shards=shards,
-        files=first.files,
-        tracks=first.tracks,
-        dropped_tail_frames=first.dropped_tail_frames,
-        rejected=dict(sorted(rejected.items())),
-        duplicates=first.duplicates,
-        resampled=first.resampled,
-        truncated=first.truncated,
-    )
-    merged.save(out / "manifest.json")
-    return merged

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,12 @@ from conftest import CHUNK, SHARD_OPTIONS, make_tree
 from pipeline import shard as shard_mod
 from pipeline.codec import pcm16_to_int16
 from pipeline.errors import PipelineError
+from pipeline.index import build_index
+from pipeline.merge import merge_manifests
 from pipeline.records import AudioIndex, Manifest
+from pipeline.splits import draw
 from pipeline.stats import shard_stats
+from pipeline.synth import make_corpus
 from pipeline.tario import iter_members, load_npy
 from pipeline.verify import verify
 
@@ -134,7 +139,7 @@ def test_partitions_merged_hold_exactly_the_chunks_of_one_run(tree, shard_dir, t
             tree.index, tmp_path, partition=part, jobs=1, progress=False, **SHARD_OPTIONS
         )
     assert not (tmp_path / "manifest.json").exists()
-    shard_mod.merge_manifests([tmp_path])
+    merge_manifests([tmp_path])
     assert _samples(tmp_path).keys() == _samples(shard_dir).keys()
     assert _digests(tmp_path) == _digests(shard_dir)
 
@@ -293,3 +298,116 @@ def test_a_set_stored_with_the_window_key_resumes_and_verifies(tree, shard_dir, 
     shard_mod.write_shards(tree.index, copy, jobs=1, progress=False, **SHARD_OPTIONS)  # resumes
     assert _digests(copy) == _digests(shard_dir)
     assert verify(copy, progress=False) == []
+
+
+# A small MUSDB-like tree: 13 train and 4 test tracks. At seed 4 no train track draws below 0.151
+# (train/Synth 007 - Glacier), so the draw alone gives the default --val 0.1 no group.
+SMALL = dict(chunk_frames=1024, seed=4, jobs=1, progress=False)
+NEAREST = "train/Synth 007 - Glacier"
+SHORT = "train/Intro 18"  # draws 0.148, nearer still, but holds no chunk
+ADDED = "train/New Song 02"  # draws 0.1475: a later run without the record would force it
+
+
+def _wav(path: Path, frames: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.random.default_rng(frames).uniform(-0.5, 0.5, (frames, 2)), 8000)
+
+
+def _small_tree(root: Path, index: Path) -> Path:
+    make_corpus(root, tracks=17, seconds=0.4, seed=0, sample_rate=8000)
+    _wav(root / SHORT / "intro.wav", 500)
+    build_index(root, index, jobs=1, progress=False)
+    return index
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small")
+    return _small_tree(folder / "music", folder / "index.json")
+
+
+def _groups_of(folder: Path, split: str) -> set[str]:
+    return {
+        str(Path(meta["source"]).parent)
+        for _, meta in _samples(folder).values()
+        if meta["split"] == split
+    }
+
+
+def test_a_small_tree_forces_its_nearest_train_group_into_an_empty_val(
+    small_index, tmp_path, capsys
+):
+    groups = {str(Path(rel).parent) for rel in AudioIndex.load(small_index).files}
+    draws = {group: draw(4, group) for group in groups if group.startswith("train/")}
+    assert len(draws) == 14 and min(draws.values()) >= 0.1  # the draw alone: val is empty
+    assert sorted(draws, key=draws.get)[:2] == [SHORT, NEAREST]
+    m = shard_mod.write_shards(small_index, tmp_path / "a", **SMALL)
+    assert m.config.val == 0.1 and m.config.test == 0.0
+    assert (m.tracks["train"], m.tracks["val"], m.tracks["test"]) == (12, 1, 4)
+    assert m.config.forced_splits == {NEAREST: "val"}
+    assert Manifest.load(tmp_path / "a").config.forced_splits == {NEAREST: "val"}
+    assert _groups_of(tmp_path / "a", "val") == {NEAREST}
+    err = capsys.readouterr().err
+    assert f"note: the val split drew no group; {NEAREST} goes to val" in err
+    assert "warning: the val split is empty" not in err
+    shard_mod.write_shards(small_index, tmp_path / "b", **{**SMALL, "jobs": 2})
+    assert _digests(tmp_path / "b") == _digests(tmp_path / "a")
+
+
+def test_added_files_keep_the_forced_group_where_it_was(small_index, tmp_path):
+    root, index = tmp_path / "music", tmp_path / "index.json"
+    shutil.copytree(AudioIndex.load(small_index).root, root)
+    build_index(root, index, jobs=1, progress=False)
+    shard_mod.write_shards(index, tmp_path / "a", **SMALL)
+    before = _digests(tmp_path / "a")
+    _wav(root / ADDED / "song.wav", 3 * 1024)
+    build_index(root, index, jobs=1, progress=False)
+    assert draw(4, "train/Synth 011 - Kestrel") > draw(4, NEAREST) > draw(4, ADDED) > 0.1
+    refused = (
+        rf"differs in: index_sha256\); .*--splits-from {re.escape(str(tmp_path / 'a'))} to keep"
+    )
+    with pytest.raises(PipelineError, match=refused):
+        shard_mod.write_shards(index, tmp_path / "a", **SMALL)
+    assert _digests(tmp_path / "a") == before
+    m = shard_mod.write_shards(
+        index, tmp_path / "b", splits_from=tmp_path / "a/manifest.json", **SMALL
+    )
+    assert m.config.forced_splits == {NEAREST: "val"}
+    assert _groups_of(tmp_path / "b", "val") == {NEAREST}
+    assert ADDED in _groups_of(tmp_path / "b", "train")
+    unkept = shard_mod.write_shards(index, tmp_path / "c", **SMALL)
+    assert unkept.config.forced_splits == {ADDED: "val"}  # what keeping the record prevents
+    after = _digests(tmp_path / "b")
+    shard_mod.write_shards(index, tmp_path / "b", **SMALL)  # the set in --out: resumes
+    (tmp_path / "b" / "manifest.json").unlink()  # as if stopped before the manifest
+    shard_mod.write_shards(index, tmp_path / "b", **SMALL)  # the config stamp: resumes
+    assert _digests(tmp_path / "b") == after
+
+
+def test_val_0_or_a_single_hash_split_group_forces_nothing(small_index, tmp_path, capsys):
+    m = shard_mod.write_shards(small_index, tmp_path / "a", **{**SMALL, "val": 0.0})
+    assert m.config.forced_splits == {} and m.tracks["val"] == 0
+    assert "forced_splits" not in json.loads((tmp_path / "a" / shard_mod.CONFIG_STAMP).read_text())
+    one = ["train/Synth 001*", f"{SHORT}/*", "test/*"]  # one train group with chunks, one without
+    m = shard_mod.write_shards(small_index, tmp_path / "b", include=one, **SMALL)
+    assert m.config.forced_splits == {} and m.config.val == 0.1
+    assert (m.tracks["train"], m.tracks["val"]) == (1, 0)
+    err = capsys.readouterr().err
+    assert "note:" not in err and "warning: the val split is empty" in err
+
+
+@pytest.mark.parametrize(
+    "include, forced, tracks",
+    [
+        # no test folder, so --test 0.1 too: Glacier draws val (0.151), test takes the nearest
+        (["train/*"], {"train/Synth 011 - Kestrel": "test"}, (11, 1, 1)),
+        # two groups: val first, and train keeps the other
+        (["train/Synth 011*", "train/Synth 009*"], {"train/Synth 011 - Kestrel": "val"}, (1, 1, 0)),
+    ],
+)
+def test_a_tree_without_test_folder_forces_val_then_test(
+    small_index, tmp_path, include, forced, tracks
+):
+    m = shard_mod.write_shards(small_index, tmp_path, include=include, **SMALL)
+    assert m.config.test == 0.1 and m.config.forced_splits == forced
+    assert (m.tracks["train"], m.tracks["val"], m.tracks["test"]) == tracks

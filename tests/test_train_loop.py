@@ -143,7 +143,8 @@ def test_two_process_ddp_on_cpu_finishes_an_epoch_with_equal_steps(shard_dir, tm
 def test_a_few_steps_train_on_a_merged_partitioned_set(tree, tmp_path):
     from conftest import SHARD_OPTIONS
 
-    from pipeline.shard import merge_manifests, write_shards
+    from pipeline.merge import merge_manifests
+    from pipeline.shard import write_shards
 
     for part in ("0/2", "1/2"):
         write_shards(tree.index, tmp_path, partition=part, jobs=1, progress=False, **SHARD_OPTIONS)
