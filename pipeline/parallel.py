@@ -1,20 +1,25 @@
-"""Map a function over work items in worker processes or threads, with a progress bar."""
+"""Map a function over work items in worker processes or threads, with a progress bar.
+
+Worker processes come from `WorkerPool`: they never outlive this process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
     Executor,
     Future,
-    ProcessPoolExecutor,
     ThreadPoolExecutor,
     wait,
 )
 from typing import TypeVar
 
 from tqdm import tqdm
+
+from pipeline.workerpool import WorkerPool
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -52,7 +57,7 @@ def parallel_map(
     try:
         if jobs > 1 and len(items) >= min_items_for_pool:
             chunksize = max(1, min(64, len(items) // (jobs * 8)))
-            with ProcessPoolExecutor(jobs) as pool:
+            with WorkerPool(jobs) as pool:
                 for item, result in zip(
                     items, pool.map(fn, items, chunksize=chunksize), strict=True
                 ):
@@ -97,13 +102,15 @@ def map_batches(
     pool: Executor | None = None
     running: dict[Future[list[R]], Sequence[T]] = {}
     start = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as stack:  # shuts the pool down, then closes the bar
+        stack.callback(bar.close)
         while lo < hi or running:
             if pool is None and jobs > 1 and hi - lo > batch:
                 if threads:
                     pool = ThreadPoolExecutor(jobs - 1)
+                    stack.callback(pool.shutdown, cancel_futures=True)
                 elif lo and (hi - lo) * (time.perf_counter() - start) / lo > POOL_AFTER_S:
-                    pool = ProcessPoolExecutor(jobs - 1)
+                    pool = stack.enter_context(WorkerPool(jobs - 1))
             for future in [f for f in running if f.done()]:
                 chunk = running.pop(future)
                 yield from zip(chunk, future.result(), strict=True)
@@ -119,7 +126,3 @@ def map_batches(
                 bar.update(len(chunk))
             elif running:
                 wait(running, return_when=FIRST_COMPLETED)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        bar.close()
