@@ -85,3 +85,7 @@ bench-train *ARGS:
 
 bench-speed *ARGS:
     {{python}} bench/speed_bench.py {{ARGS}}
+
+# loader memory over many epochs: PSS of the main process and each worker (bench/soak_bench.py)
+bench-soak *ARGS:
+    {{python}} bench/soak_bench.py {{ARGS}}

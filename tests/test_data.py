@@ -72,7 +72,7 @@ def test_every_window_of_every_chunk_visit_is_delivered_once(shard_dir):
     stream = dm.train_stream()
     groups = [stream._group(0, 0, b) for b in range(3)]
     expected = Counter()
-    chunks = stream._chunks_from(0, 0, 0)
+    chunks = stream._chunks_from(0, 0, 0, [])
     for group in groups:
         for offset, count in zip(group.offsets, group.counts, strict=True):
             _, (source, chunk_start) = next(chunks)
@@ -184,7 +184,9 @@ def test_missing_manifest_and_empty_split_are_clear_errors(shard_dir, tmp_path):
     m = Manifest.load(copy)
     m.shards["val"] = []
     m.save(copy / "manifest.json")
-    with pytest.raises(UserError, match="no val shards"):
+    with pytest.raises(
+        UserError, match=r"the val split holds no shards; re-shard with a larger --val \(now 0.3\)"
+    ):
         _module(copy).val_dataloader()
 
 

@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from pipeline.errors import UserError, run_cli
+from pipeline.fsutil import atomic_path
 from trainer.callbacks import ExportOnFitEnd, ThroughputMonitor
 from trainer.model import StereoT5
 from trainer.model.weights import SAFE_GLOBALS, read_checkpoint
@@ -46,16 +47,39 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.place(trainer)
+        if trainer.is_global_zero and os.path.isdir(self.dirpath):
+            remove_partial_checkpoints(Path(self.dirpath))
         super().setup(trainer, pl_module, stage)
+
+
+def remove_partial_checkpoints(folder: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint saves a killed run left (`SafeCheckpointIO`
+    writes `.NAME.ckpt.XXXX.tmp` beside `NAME.ckpt`); the paths removed."""
+    stale = sorted(folder.glob(".*.ckpt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with every load through ``read_checkpoint`` (weights_only and
     the allow-list), whatever ``weights_only`` Lightning passes (``fit --ckpt_path`` gives
-    None, which Lightning turns into a full unpickle)."""
+    None, which Lightning turns into a full unpickle); and local saves written beside their
+    target and renamed onto it. (Lightning's own save goes through a temporary file in the
+    system's temp folder, which is a copy, not a rename, on another filesystem: a kill in
+    the copy leaves a partial checkpoint under the final name.)"""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def trainer_defaults() -> dict:

@@ -54,6 +54,7 @@ class RawBatch(TypedDict):
     directions: np.ndarray
     mask: NotRequired[np.ndarray]
     meta: NotRequired[list[tuple[str, int]]]
+    skipped: NotRequired[list[tuple[str, str]]]  # (shard url, why) newly skipped by the stream
 
 
 def parse_direction(direction: str) -> str:
@@ -95,15 +96,20 @@ def raw_batch(
     directions: np.ndarray,
     mask: np.ndarray | None = None,
     meta: list[tuple[str, int]] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> RawBatch:
     """What a stream yields: uint16 inputs and targets, not tokens. A few numpy arrays cross
     from a worker far faster than int64 tensors (one shared-memory segment per tensor), so the
-    loader applies the codec in the main process."""
+    loader applies the codec in the main process. `skipped` is drained: the shards skipped
+    since the last batch ride with this one, so the loader reports them."""
     raw: RawBatch = {"inputs": inputs, "targets": targets, "directions": directions}
     if mask is not None:
         raw["mask"] = mask
     if meta is not None:
         raw["meta"] = meta
+    if skipped:
+        raw["skipped"] = list(skipped)
+        skipped.clear()
     return raw
 
 

@@ -5,6 +5,7 @@ See docs/data.md for the streams and docs/training.md for the options.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,11 +14,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.codec import get_codec
+from pipeline.errors import UserError
 from pipeline.records import Manifest
 from trainer.data.augment import Augment
 from trainer.data.batch import Batch, DataError, RawBatch, parse_direction, tokenize
 from trainer.data.eval_stream import EvalStream
-from trainer.data.shards import ShardSplit, shard_url
+from trainer.data.shards import ReadPolicy, ShardSplit, shard_url
 from trainer.data.tasks import Task
 from trainer.data.train_stream import TrainStream
 
@@ -26,6 +28,23 @@ __all__ = ["ShardDataModule", "ShardLoader"]
 
 def _keep(raw: RawBatch | list[RawBatch]) -> RawBatch | list[RawBatch]:
     return raw
+
+
+_WORKER = "in DataLoader worker process"
+
+
+def worker_message(error: UserError) -> UserError:
+    """The user error a loader worker raised, with its own one-line message: torch re-raises
+    it in this process built from "Caught X in DataLoader worker process N. Original
+    Traceback ..." and the whole traceback, whose last line is `module.X: message`."""
+    text = str(error)
+    if not text.startswith("Caught ") or _WORKER not in text.split("\n", 1)[0]:
+        return error
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    name = type(error).__name__
+    prefix = last.split(": ", 1)[0]
+    message = last.split(": ", 1)[1] if prefix.rsplit(".", 1)[-1] == name else last
+    return type(error)(message)
 
 
 class ShardLoader(DataLoader):
@@ -45,6 +64,7 @@ class ShardLoader(DataLoader):
     ) -> None:
         super().__init__(dataset, batch_size=None, collate_fn=_keep, **kw)
         self.codec, self._where, self._pin = get_codec(codec), where, pin_memory
+        self.skipped: dict[str, str] = {}  # shard url -> why, each reported once
 
     def state_dict(self) -> dict:
         """Where the stream stands is the trainer's own progress (epoch, batches done), which
@@ -58,14 +78,28 @@ class ShardLoader(DataLoader):
         if self._where is not None:
             epoch, start = self._where()
             self.dataset.position[0], self.dataset.position[1] = epoch, start
-        for item in super().__iter__():
-            for raw in item if isinstance(item, list) else [item]:  # train streams send packs
-                batch = tokenize(raw, self.codec)
-                if self._pin and torch.cuda.is_available():
-                    batch = {
-                        k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()
-                    }
-                yield batch
+        try:
+            for item in super().__iter__():
+                for raw in item if isinstance(item, list) else [item]:  # train: packs
+                    self._report(raw.get("skipped", []))
+                    yield self._batch(raw)
+        except UserError as error:
+            cleaned = worker_message(error)
+            if cleaned is error:
+                raise
+            raise cleaned from None
+
+    def _report(self, skipped: list[tuple[str, str]]) -> None:
+        for url, why in skipped:
+            if url not in self.skipped:
+                self.skipped[url] = why
+                print(f"warning: {why} (on_corrupt: skip)", file=sys.stderr, flush=True)
+
+    def _batch(self, raw: RawBatch) -> Batch:
+        batch = tokenize(raw, self.codec)
+        if self._pin and torch.cuda.is_available():
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
 
 
 def _world() -> tuple[int, int]:
@@ -89,6 +123,11 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: windows permuted together (a shuffle group of chunks).
         batches_per_epoch: train batches per epoch and rank (default: the train windows of the
             manifest divided by batch_size x ranks).
+        on_corrupt: `fail` (stop at a shard that cannot be read whole) or `skip` (report it
+            once, leave its unread samples out unscored, go on; positions stay exact).
+        read_retries: times a remote shard (any URL but a local path) that fails is read
+            again, from the sample it stopped at, before `on_corrupt` applies.
+        retry_backoff_s: the wait before the first retry; it doubles with each.
     """
 
     def __init__(
@@ -114,9 +153,13 @@ class ShardDataModule(pl.LightningDataModule):
         bits: tuple[int, int] = (4, 12),
         cutoff: tuple[float, float] = (0.1, 0.5),
         augment: dict | None = None,
+        on_corrupt: str = "fail",
+        read_retries: int = 3,
+        retry_backoff_s: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.read_policy = ReadPolicy(on_corrupt, read_retries, retry_backoff_s)
         self.task = Task(task, seq_len, target_len, tuple(snr_db), tuple(bits), tuple(cutoff))
         try:
             self.augment = Augment(
@@ -149,14 +192,22 @@ class ShardDataModule(pl.LightningDataModule):
     def _split(self, split: str) -> ShardSplit:
         shards = [s for s in self.manifest.shards.get(split, []) if s.samples]
         if not shards:
+            if split == "train":
+                fix = "re-shard with smaller --val and --test"
+            else:
+                fix = (
+                    f"re-shard with a larger --{split} (now {getattr(self.manifest.config, split)}"
+                    ") or more groups to split (--group-by file splits files, not folders)"
+                )
             raise DataError(
-                f"{self.folder}: no {split} shards; re-shard with a non-zero --{split} fraction"
-                + (" or set trainer.limit_val_batches=0" if split == "val" else "")
+                f"{self.folder}: the {split} split holds no shards; {fix}"
+                + (", or set trainer.limit_val_batches=0" if split == "val" else "")
             )
         return ShardSplit(
             [shard_url(self.url_prefix, s) for s in shards],
             [s.samples for s in shards],
             self.manifest.config.chunk_frames,
+            self.read_policy,
         )
 
     def _loader_kw(self) -> dict:

@@ -69,9 +69,12 @@ class EvalStream(IterableDataset):
     def __len__(self) -> int:
         return sum(self.batch_counts) + sum(self.padding)
 
-    def _samples(self, first: int, count: int) -> Iterator[Chunk]:
-        """Global samples [first, first + count) in manifest order."""
-        return itertools.islice(self.split.chunks(self.split.urls, first, self.return_meta), count)
+    def _samples(
+        self, first: int, count: int, skipped: list[tuple[str, str]]
+    ) -> Iterator[Chunk | None]:
+        """Global samples [first, first + count) in manifest order (None: a skipped slot)."""
+        chunks = self.split.chunks(self.split.urls, first, self.return_meta, skipped)
+        return itertools.islice(chunks, count)
 
     def __iter__(self) -> Iterator[RawBatch]:
         info = torch.utils.data.get_worker_info()
@@ -81,6 +84,7 @@ class EvalStream(IterableDataset):
         span = self.slot_ranges[self.rank][slot]
         first = self.rank_ranges[self.rank].start + span.start
         rows, masks, seeds, meta = [], [], [], []
+        skipped: list[tuple[str, str]] = []
         direction = DIRECTIONS.get(self.direction, 0)  # `random` evaluates left -> right
         split_at = self.task.split_at or 0  # the label part of a window is what is scored
 
@@ -94,15 +98,17 @@ class EvalStream(IterableDataset):
             pad_meta = meta + [("", -1)] * (self.batch_size - n) if self.return_meta else None
             directions = np.full(self.batch_size, direction)
             inputs, targets = self.task.pairs(windows, directions, seed)
-            return raw_batch(inputs, targets, directions, mask[:, split_at:], pad_meta)
+            return raw_batch(inputs, targets, directions, mask[:, split_at:], pad_meta, skipped)
 
-        for sample, (chunk, chunk_meta) in enumerate(self._samples(first, len(span)), first):
+        empty = np.zeros((2, self.seq_len), np.uint16)
+        for sample, item in enumerate(self._samples(first, len(span), skipped), first):
             for number, (start, window_mask) in enumerate(zip(self.starts, self.mask, strict=True)):
-                rows.append(chunk[:, start : start + self.seq_len])
-                masks.append(window_mask)
+                # a skipped shard's slot keeps its windows, none of them scored
+                rows.append(empty if item is None else item[0][:, start : start + self.seq_len])
+                masks.append(window_mask & (item is not None))
                 seeds.append(sample * len(self.starts) + number)  # the same on every run
                 if self.return_meta:
-                    meta.append((chunk_meta[0], chunk_meta[1] + int(start)))
+                    meta.append(("", -1) if item is None else (item[1][0], item[1][1] + int(start)))
                 if len(rows) == self.batch_size:
                     yield flush()
                     rows, masks, seeds, meta = [], [], [], []

@@ -2,46 +2,91 @@
 
 A local path opens seekable, so a resume seeks over the members it skips instead of reading
 them; any other URL webdataset opens (`pipe:`, `s3://` via a pipe, ...) is read as a stream.
+Every shard must deliver the samples its manifest lists: `tarfile` ends quietly at a cut on a
+member boundary (and, seekable, at a damaged header), so the count is checked at the end, with
+the exit status of a pipe. A remote shard that fails is read again (`ReadPolicy.retries`) from
+the sample it stopped at; one that still fails stops the run, or with `on_corrupt: skip` its
+remaining samples are left out as empty slots, so every count-based position stays where it was.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tarfile
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import IO
 
 import numpy as np
 import webdataset as wds
+from webdataset.gopen import Pipe
 
 from pipeline.records import ChunkMeta, ShardInfo
 from pipeline.tario import ALLOWED_EXTENSIONS, load_npy
 from trainer.data.batch import DataError
 
-__all__ = ["DECODED", "Chunk", "ShardSplit", "iter_chunks", "open_tar", "shard_url"]
+__all__ = [
+    "DECODED",
+    "ON_CORRUPT",
+    "Chunk",
+    "ReadPolicy",
+    "ShardReadError",
+    "ShardSplit",
+    "iter_chunks",
+    "shard_url",
+]
 
 # Samples decoded from shards in this process (tests count that resume skips without decoding).
 DECODED = {"samples": 0}
+ON_CORRUPT = ("fail", "skip")
 
 Chunk = tuple[np.ndarray, tuple[str, int] | None]  # uint16 [2, C], (source, start) or None
 
 
-def open_tar(url: str) -> tarfile.TarFile:
-    """A local path (or file:) opens seekable, so skipped members are seeked over, not read."""
-    path = url[5:] if url.startswith("file:") else url
-    if "://" not in url and not url.startswith("pipe:") and os.path.exists(path):
-        return tarfile.open(path, mode="r:")
-    return tarfile.open(fileobj=wds.gopen(url), mode="r|")
+class ShardReadError(DataError):
+    """A shard that could not be read whole: missing, truncated, damaged, or a failing pipe."""
 
 
-def iter_chunks(url: str, skip: int = 0, want_meta: bool = False) -> Iterator[Chunk]:
-    """(uint16 `[2, C]`, (source, start) or None) per sample of one shard, from sample `skip`.
+def is_local(url: str) -> bool:
+    """A plain path or `file:` URL: read seekable and never retried."""
+    return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
 
-    Only `.npy` (never unpickled) and `.json` members are allowed; anything else is refused.
-    """
+
+def _fix(url: str) -> str:
+    """The fix for a shard that cannot be read: verify the set it belongs to."""
+    folder = url.removeprefix("file:").rsplit("/", 2)[0] if is_local(url) else "DIR"
+    return f"check the set with `python -m pipeline verify {folder}` and re-create what it names"
+
+
+def _open(url: str) -> tuple[tarfile.TarFile, IO[bytes] | None]:
+    """The tar, and the stream under it when it is not a local file (closed by the caller)."""
+    if is_local(url):
+        path = url.removeprefix("file:")
+        if not os.path.exists(path):
+            raise ShardReadError(f"{url}: the shard is missing; {_fix(url)}")
+        return tarfile.open(path, mode="r:"), None
+    stream = wds.gopen(url)
+    return tarfile.open(fileobj=stream, mode="r|"), stream
+
+
+def _close(stream: IO[bytes] | None, finished: bool) -> None:
+    """Close a remote stream; a pipe read to its end must have exited 0 (else OSError)."""
+    if stream is None:
+        return
+    if isinstance(stream, Pipe) and not finished:  # abandoned early: its exit status is moot
+        stream.proc.kill()
+        stream.ignore_errors = True
+    stream.close()
+
+
+def _members(url: str, skip: int, want_meta: bool, expected: int | None) -> Iterator[Chunk]:
     number, key = -1, None  # sample number of the member being looked at
     pending: dict[str, bytes] = {}
-    with open_tar(url) as tar:
+    tar, stream = _open(url)
+    finished = False
+    try:
         for info in tar:
             name, dot, ext = info.name.partition(".")
             ext = dot + ext
@@ -65,6 +110,49 @@ def iter_chunks(url: str, skip: int = 0, want_meta: bool = False) -> Iterator[Ch
                     record = ChunkMeta.from_json(pending.pop(".json"))
                     meta = (record.source, record.start)
                 yield chunk, meta
+        finished = True
+    finally:
+        tar.close()
+        _close(stream, finished)
+    if expected is not None and number + 1 != expected:
+        raise ShardReadError(
+            f"{url}: ended after {number + 1} of the {expected} samples its manifest lists; "
+            f"{_fix(url)}"
+        )
+
+
+def iter_chunks(
+    url: str, skip: int = 0, want_meta: bool = False, expected: int | None = None
+) -> Iterator[Chunk]:
+    """(uint16 `[2, C]`, (source, start) or None) per sample of one shard, from sample `skip`.
+
+    Only `.npy` (never unpickled) and `.json` members are allowed; anything else is refused.
+    With `expected`, a shard that ends before (or after) that many samples is an error. What
+    cannot be read (a missing or damaged tar, a failing pipe, a bad `.npy`) is a
+    `ShardReadError` naming the shard.
+    """
+    try:
+        yield from _members(url, skip, want_meta, expected)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ShardReadError(f"{url}: unreadable ({reason}); {_fix(url)}") from exc
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """What a reader does when a shard fails: remote ones are read again `retries` times,
+    waiting `backoff_s` x 2^attempt; then `on_corrupt`: `fail` stops, `skip` leaves the rest
+    of the shard out as empty slots and goes on."""
+
+    on_corrupt: str = "fail"
+    retries: int = 3
+    backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.on_corrupt not in ON_CORRUPT:
+            raise DataError(f"on_corrupt {self.on_corrupt!r}: use one of {', '.join(ON_CORRUPT)}")
+        if self.retries < 0 or self.backoff_s < 0:
+            raise DataError(f"read_retries {self.retries}, retry_backoff_s {self.backoff_s}: >= 0")
 
 
 def _check_chunk(chunk: np.ndarray, url: str, frames: int) -> None:
@@ -82,21 +170,65 @@ def shard_url(prefix: str, info: ShardInfo) -> str:
 
 @dataclass(frozen=True)
 class ShardSplit:
-    """The shards of one split: their URLs, sample counts (from the manifest), chunk length."""
+    """The shards of one split: their URLs, sample counts (from the manifest), chunk length,
+    and what to do when one fails."""
 
     urls: list[str]
     samples: list[int]
     chunk_frames: int
+    policy: ReadPolicy = field(default_factory=ReadPolicy)
 
-    def chunks(self, sequence: Iterable[str], first: int, want_meta: bool) -> Iterator[Chunk]:
+    def chunks(
+        self,
+        sequence: Iterable[str],
+        first: int,
+        want_meta: bool,
+        skipped: list[tuple[str, str]] | None = None,
+    ) -> Iterator[Chunk | None]:
         """Chunks of the shards in `sequence` (URLs of this split, repeats allowed) from chunk
-        number `first` on; the shards wholly before it are skipped unopened."""
+        number `first` on; the shards wholly before it are skipped unopened. A slot a skipped
+        shard left empty is None, and (url, why) is appended to `skipped`."""
         counts = dict(zip(self.urls, self.samples, strict=True))
         passed = 0
         for url in sequence:
             count = counts[url]
             if passed + count > first:
-                for chunk, meta in iter_chunks(url, max(0, first - passed), want_meta):
-                    _check_chunk(chunk, url, self.chunk_frames)
-                    yield chunk, meta
+                yield from self._shard(url, max(0, first - passed), count, want_meta, skipped)
             passed += count
+
+    def _shard(
+        self,
+        url: str,
+        skip: int,
+        count: int,
+        want_meta: bool,
+        skipped: list[tuple[str, str]] | None,
+    ) -> Iterator[Chunk | None]:
+        """Samples skip.. of one shard, read again from where it stopped while retries last."""
+        done, failures = skip, 0
+        while True:
+            try:
+                for chunk, meta in iter_chunks(url, done, want_meta, count):
+                    _check_chunk(chunk, url, self.chunk_frames)
+                    done += 1
+                    yield chunk, meta
+                return
+            except ShardReadError as exc:
+                if not is_local(url) and failures < self.policy.retries:
+                    wait = self.policy.backoff_s * 2**failures
+                    failures += 1
+                    print(
+                        f"warning: {exc}; reading it again from sample {done} in {wait:g} s "
+                        f"(retry {failures} of {self.policy.retries})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    time.sleep(wait)
+                    continue
+                if self.policy.on_corrupt == "fail":
+                    raise
+                if skipped is not None:
+                    skipped.append((url, f"{exc}; its last {count - done} samples are skipped"))
+                for _ in range(count - done):
+                    yield None
+                return

@@ -118,9 +118,13 @@ class TrainStream(IterableDataset):
         for item in shards:
             yield item["url"]
 
-    def _chunks_from(self, epoch: int, stream: int, first: int) -> Iterator[Chunk]:
+    def _chunks_from(
+        self, epoch: int, stream: int, first: int, skipped: list[tuple[str, str]]
+    ) -> Iterator[Chunk | None]:
         """The stream's chunks from chunk number `first`; earlier ones are skipped unread."""
-        return self.split.chunks(self._shard_sequence(epoch, stream), first, self.return_meta)
+        return self.split.chunks(
+            self._shard_sequence(epoch, stream), first, self.return_meta, skipped
+        )
 
     def batches(self, epoch: int, stream: int, start: int) -> Iterator[RawBatch]:
         """Batches start, start + 1, ... (numbered within the stream) of one stream, endless."""
@@ -132,12 +136,15 @@ class TrainStream(IterableDataset):
             first_chunk += self.group_chunks
             number += 1
             group = self._group(epoch, stream, number)
-        chunks = self._chunks_from(epoch, stream, first_chunk)
+        skipped: list[tuple[str, str]] = []
+        chunks = self._chunks_from(epoch, stream, first_chunk, skipped)
         position = first_window - group_start_window
         rows: list[np.ndarray] = []
         dirs: list[int] = []
         seeds: list[int] = []
         meta: list[tuple[str, int]] = []
+        scored: list[bool] = []  # False: a window of a skipped shard's empty slot
+        empty = np.zeros((2, self.seq_len), np.uint16)
         while True:
             data = [next(chunks) for _ in range(self.group_chunks)]
             ends = np.cumsum(group.counts)
@@ -147,25 +154,40 @@ class TrainStream(IterableDataset):
             )
             for w in range(position, len(group.order)):
                 window = group.order[w]
-                chunk, chunk_meta = data[owner[window]]
+                item = data[owner[window]]
                 s = int(starts[window])
-                rows.append(chunk[:, s : s + self.seq_len])
+                rows.append(empty if item is None else item[0][:, s : s + self.seq_len])
+                scored.append(item is not None)
                 dirs.append(int(group.directions[w]))
                 seeds.append(int(group.seeds[w]))
                 if self.return_meta:
-                    meta.append((chunk_meta[0], chunk_meta[1] + s))
+                    meta.append(("", -1) if item is None else (item[1][0], item[1][1] + s))
                 if len(rows) == self.batch_size:
-                    directions, windows = np.array(dirs), np.stack(rows)
-                    if self.augment is not None:
-                        windows = self.augment(windows, seeds, self.task.window)
-                    inputs, targets = self.task.pairs(windows, directions, np.array(seeds))
-                    yield raw_batch(
-                        inputs, targets, directions, meta=meta if self.return_meta else None
-                    )
-                    rows, dirs, seeds, meta = [], [], [], []
+                    yield self._batch(rows, np.array(dirs), seeds, meta, scored, skipped)
+                    rows, dirs, seeds, meta, scored = [], [], [], [], []
+            del data  # before the next group is read: one group's chunks held, not two
             number += 1
             position = 0
             group = self._group(epoch, stream, number)
+
+    def _batch(
+        self,
+        rows: list[np.ndarray],
+        directions: np.ndarray,
+        seeds: list[int],
+        meta: list[tuple[str, int]],
+        scored: list[bool],
+        skipped: list[tuple[str, str]],
+    ) -> RawBatch:
+        """One batch of windows; the rows of a skipped shard's empty slots are not scored."""
+        windows = np.stack(rows)
+        if self.augment is not None:
+            windows = self.augment(windows, seeds, self.task.window)
+        inputs, targets = self.task.pairs(windows, directions, np.array(seeds))
+        mask = None if all(scored) else np.repeat(np.array(scored)[:, None], targets.shape[1], 1)
+        return raw_batch(
+            inputs, targets, directions, mask, meta if self.return_meta else None, skipped
+        )
 
     def __iter__(self) -> Iterator[list[RawBatch]]:
         """Packs of `pack` consecutive batches of this worker's stream, from the trainer's position.
