@@ -12,6 +12,7 @@ to [-32768, 32767]. libsndfile's own int16 read truncates 24-bit and zeroes some
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,30 @@ def resampled_frames(frames: int, native_rate: int, sample_rate: int) -> int:
 def _open(path: str | os.PathLike) -> sf.SoundFile:
     try:
         return sf.SoundFile(path)
-    except sf.LibsndfileError as exc:
-        raise AudioError(f"not readable as audio: {exc.error_string}") from None
-    except OSError as exc:
-        raise AudioError(f"cannot open: {exc.strerror or exc}") from None
+    except (sf.LibsndfileError, OSError) as exc:
+        raise AudioError(_why_unopened(path, exc)) from None
+
+
+def _why_unopened(path: str | os.PathLike, exc: sf.LibsndfileError | OSError) -> str:
+    """What kept `path` from opening: libsndfile says `System error.` for a missing or
+    unreadable file and `Format not recognised.` for an empty file or a folder."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symlink to {os.readlink(path)}"
+        return "missing: no such file"
+    except OSError as err:
+        return f"cannot open: {err.strerror or err}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder, not an audio file"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return "cannot open: permission denied"
+    if isinstance(exc, sf.LibsndfileError):
+        return f"not readable as audio: {exc.error_string}"
+    return f"cannot open: {exc.strerror or exc}"
 
 
 def _read_dtype(subtype: str) -> str:

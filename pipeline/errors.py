@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-__all__ = ["AudioError", "PipelineError", "UserError", "find_user_error", "run_cli"]
+__all__ = ["AudioError", "DiskError", "PipelineError", "UserError", "find_user_error", "run_cli"]
 
 
 class UserError(Exception):
@@ -24,6 +24,12 @@ class PipelineError(UserError):
 
 class AudioError(PipelineError):
     """A file that cannot be read as audio; the message is the reason recorded in the index."""
+
+
+class DiskError(UserError):
+    """A write the disk or the folder refused (full, read-only, not permitted, over a size
+    limit), raised by `pipeline.fsutil`: in any command, and in worker processes, whose pool
+    re-raises it in the main one (its one argument is the message, so it pickles intact)."""
 
 
 def find_user_error(exc: BaseException) -> UserError | None:

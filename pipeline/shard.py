@@ -377,6 +377,15 @@ def _finished(out: Path, job: _ShardJob) -> ShardInfo | None:
     return None
 
 
+def _remove_partial_shards(out: Path, jobs: list[_ShardJob]) -> None:
+    """Delete the temporary files (`fsutil.atomic_path`: `.NAME.XXXX.tmp`) of these jobs' shards,
+    and only theirs: other partitions of the set may be writing into the same folder."""
+    for job in jobs:
+        shard = out / job.path
+        for tmp in shard.parent.glob(f".{shard.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def _run_job(job: _ShardJob) -> ShardInfo:
     out = Path(job.out)
     done = _finished(out, job)
@@ -409,18 +418,25 @@ def write_shards(
     _stamp_config(out, plan.config)
     todo = [j for n, j in enumerate(plan.jobs) if part is None or n % part[1] == part[0]]
     workers = jobs or os.cpu_count() or 1
-    infos = list(
-        parallel_map(
-            _run_job,
-            todo,
-            workers,
-            "shard",
-            progress,
-            unit="s",
-            weight=lambda j: j.seconds,
-            min_items_for_pool=2,
+    _remove_partial_shards(out, todo)  # what a killed run of these jobs was writing
+    try:
+        infos = list(
+            parallel_map(
+                _run_job,
+                todo,
+                workers,
+                "shard",
+                progress,
+                unit="s",
+                weight=lambda j: j.seconds,
+                min_items_for_pool=2,
+            )
         )
-    )
+    except BaseException:
+        # the workers are gone now; one interrupted between creating its temporary file and
+        # guarding it would have left it
+        _remove_partial_shards(out, todo)
+        raise
     shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
     rejected = dict(plan.rejected)
     for job, info in zip(todo, infos, strict=True):

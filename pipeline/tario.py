@@ -87,10 +87,16 @@ class ShardWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if kind is None:  # two zero blocks end the archive, padded to a whole record (as tarfile)
-            self._raw.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-            self._raw.write(b"\0" * (-self._raw.bytes % tarfile.RECORDSIZE))
-        self._raw.close()
+        try:
+            try:
+                if kind is None:  # two zero blocks end the archive, padded to a whole record
+                    self._raw.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+                    self._raw.write(b"\0" * (-self._raw.bytes % tarfile.RECORDSIZE))
+            finally:
+                self._raw.close()  # flushes what a failed write left: it may fail again
+        except BaseException as error:  # atomic_path removes the file, names a disk's refusal
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            raise
         self.sha256, self.bytes = self._raw.sha256.hexdigest(), self._raw.bytes
         self._atomic.__exit__(kind, exc, tb)
 

@@ -110,7 +110,7 @@ def test_a_pipe_that_exits_non_zero_is_an_error_after_every_sample(copy):
     shard = _train_shard(copy)
     samples = Manifest.load(copy).shards["train"][0].samples
     url = f"pipe:cat {shard}; exit 3; :"
-    with pytest.raises(ShardReadError, match="exit 3"):
+    with pytest.raises(ShardReadError, match="its command exited with status 3"):
         list(iter_chunks(url, expected=samples))
 
 

@@ -8,6 +8,7 @@ parser's included, reach the user as one `error:` line (`pipeline.errors.run_cli
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -76,8 +77,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) or storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        buffer = io.BytesIO()  # serialized first: a refused write then keeps its errno
+        torch.save(checkpoint, buffer)
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
 
@@ -195,6 +198,8 @@ def main(args: list[str] | None = None) -> int:
     wandb_mode_default()
     # Our IterableDatasets know their per-rank length and split work per worker themselves.
     warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+    # `python -m trainer fit ...` hands its own argv on as `args`, which LightningCLI warns of
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     code = run_cli(lambda: _run(args))
     if code:
         raise SystemExit(code)

@@ -12,6 +12,7 @@ remaining samples are left out as empty slots, so every count-based position sta
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tarfile
 import time
@@ -41,6 +42,9 @@ __all__ = [
 # Samples decoded from shards in this process (tests count that resume skips without decoding).
 DECODED = {"samples": 0}
 ON_CORRUPT = ("fail", "skip")
+# How long a `pipe:` command whose stream broke off is given to exit, so its status is the
+# error reported (seconds); then it is stopped.
+PIPE_EXIT_S = 2.0
 
 Chunk = tuple[np.ndarray, tuple[str, int] | None]  # uint16 [2, C], (source, start) or None
 
@@ -56,64 +60,88 @@ def is_local(url: str) -> bool:
 
 def _fix(url: str) -> str:
     """The fix for a shard that cannot be read: verify the set it belongs to."""
-    folder = url.removeprefix("file:").rsplit("/", 2)[0] if is_local(url) else "DIR"
+    if not is_local(url):
+        return "check the set where it is stored with `python -m pipeline verify` on its folder"
+    folder = url.removeprefix("file:").rsplit("/", 2)[0]
     return f"check the set with `python -m pipeline verify {folder}` and re-create what it names"
 
 
-def _open(url: str) -> tuple[tarfile.TarFile, IO[bytes] | None]:
-    """The tar, and the stream under it when it is not a local file (closed by the caller)."""
-    if is_local(url):
-        path = url.removeprefix("file:")
-        if not os.path.exists(path):
-            raise ShardReadError(f"{url}: the shard is missing; {_fix(url)}")
-        return tarfile.open(path, mode="r:"), None
-    stream = wds.gopen(url)
-    return tarfile.open(fileobj=stream, mode="r|"), stream
+def _open(url: str) -> IO[bytes]:
+    """The shard's bytes: a local file (seekable) or the stream webdataset opens for `url`."""
+    if not is_local(url):
+        return wds.gopen(url)
+    path = url.removeprefix("file:")
+    if not os.path.exists(path):
+        raise ShardReadError(f"{url}: the shard is missing; {_fix(url)}")
+    return open(path, "rb")
 
 
-def _close(stream: IO[bytes] | None, finished: bool) -> None:
-    """Close a remote stream; a pipe read to its end must have exited 0 (else OSError)."""
-    if stream is None:
-        return
-    if isinstance(stream, Pipe) and not finished:  # abandoned early: its exit status is moot
+def _pipe_failed(url: str, stream: IO[bytes], wait_s: float | None) -> ShardReadError | None:
+    """Close a `pipe:` stream and say so when its command exited with an error status. Its
+    status is awaited `wait_s` seconds (None: for good), then the command is stopped."""
+    if not isinstance(stream, Pipe):
+        return None
+    try:
+        status = stream.proc.wait(wait_s) if wait_s != 0 else stream.proc.poll()
+    except subprocess.TimeoutExpired:
+        status = None
+    if status is None:
         stream.proc.kill()
-        stream.ignore_errors = True
+        stream.proc.wait()
+    stream.ignore_errors = True  # the status is judged here, not by webdataset's close
     stream.close()
+    if not status:  # 0, or stopped here: the read itself says what went wrong
+        return None
+    command = url.removeprefix("pipe:")
+    return ShardReadError(
+        f"{url}: its command exited with status {status}; check that `{command}` writes the "
+        "shard to its output"
+    )
 
 
 def _members(url: str, skip: int, want_meta: bool, expected: int | None) -> Iterator[Chunk]:
     number, key = -1, None  # sample number of the member being looked at
     pending: dict[str, bytes] = {}
-    tar, stream = _open(url)
-    finished = False
+    stream = _open(url)
     try:
-        for info in tar:
-            name, dot, ext = info.name.partition(".")
-            ext = dot + ext
-            if ext not in ALLOWED_EXTENSIONS or not info.isfile():
-                raise DataError(
-                    f"{url}: member {info.name!r} is not .npy/.json; this loader refuses other "
-                    "members (pickles included); re-create the shard with `python -m pipeline "
-                    "shard`"
-                )
-            if name != key:
-                number, key, pending = number + 1, name, {}
-            if number < skip or (ext == ".json" and not want_meta):
-                continue  # seeked over (local files) or read past, never decoded
-            handle = tar.extractfile(info)
-            pending[ext] = handle.read() if handle is not None else b""
-            if ".npy" in pending and (".json" in pending or not want_meta):
-                chunk = load_npy(pending.pop(".npy"))
-                DECODED["samples"] += 1
-                meta = None
-                if want_meta:
-                    record = ChunkMeta.from_json(pending.pop(".json"))
-                    meta = (record.source, record.start)
-                yield chunk, meta
-        finished = True
+        with tarfile.open(fileobj=stream, mode="r:" if is_local(url) else "r|") as tar:
+            for info in tar:
+                name, dot, ext = info.name.partition(".")
+                ext = dot + ext
+                if ext not in ALLOWED_EXTENSIONS or not info.isfile():
+                    raise DataError(
+                        f"{url}: member {info.name!r} is not .npy/.json; this loader refuses other "
+                        "members (pickles included); re-create the shard with `python -m pipeline "
+                        "shard`"
+                    )
+                if name != key:
+                    number, key, pending = number + 1, name, {}
+                if number < skip or (ext == ".json" and not want_meta):
+                    continue  # seeked over (local files) or read past, never decoded
+                handle = tar.extractfile(info)
+                pending[ext] = handle.read() if handle is not None else b""
+                if ".npy" in pending and (".json" in pending or not want_meta):
+                    chunk = load_npy(pending.pop(".npy"))
+                    DECODED["samples"] += 1
+                    meta = None
+                    if want_meta:
+                        record = ChunkMeta.from_json(pending.pop(".json"))
+                        meta = (record.source, record.start)
+                    yield chunk, meta
+    except GeneratorExit:  # the reader stopped early: nothing to judge
+        _pipe_failed(url, stream, wait_s=0)
+        raise
+    except Exception as exc:  # a failed command is the cause of what the read saw
+        failed = _pipe_failed(url, stream, wait_s=PIPE_EXIT_S)
+        if failed is not None:
+            raise failed from exc
+        raise
     finally:
-        tar.close()
-        _close(stream, finished)
+        if not isinstance(stream, Pipe):
+            stream.close()
+    failed = _pipe_failed(url, stream, wait_s=None)
+    if failed is not None:
+        raise failed
     if expected is not None and number + 1 != expected:
         raise ShardReadError(
             f"{url}: ended after {number + 1} of the {expected} samples its manifest lists; "

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pipeline.codec import Codec
 from pipeline.errors import run_cli
-from pipeline.fsutil import atomic_write_text
+from pipeline.fsutil import atomic_write_text, check_writable
 from pipeline.records import SPLITS, Manifest
 from trainer.data import ShardDataModule
 from trainer.data.batch import DIRECTIONS
@@ -239,13 +239,21 @@ def evaluate(
         The report; ``report.to_json()`` is what report.json holds.
 
     Raises:
-        UserError (EvaluationError, ModelError, ...): bad arguments, unreadable shards or
-            checkpoint, a codec or window the checkpoint was not built for.
+        UserError (EvaluationError, ModelError, DiskError, ...): bad arguments, missing or
+            unreadable shards or checkpoint, a codec or window the checkpoint was not built
+            for, an output folder that takes no file (checked before scoring) or a full disk.
     """
     _check_arguments(split, direction, context, max_chunks, generate, batch_size, train_chunks)
+    if not Path(shards).exists():
+        raise EvaluationError(
+            f"{shards}: missing: no such shard set; pass the folder `python -m pipeline shard` "
+            "wrote (or its manifest.json)"
+        )
     manifest = Manifest.load(Path(shards))
     chunk_frames = manifest.config.chunk_frames
     loaded = load_model(ckpt, device)
+    out_dir = Path(out) if out is not None else default_out(loaded.path, split)
+    check_writable(out_dir)  # now, not after the scoring
     model, model_codec = loaded.model, loaded.codec
     length = resolve_seq_len(loaded, seq_len, codec, chunk_frames)
     if gate and not model_codec.exact:
@@ -272,7 +280,6 @@ def evaluate(
                    train_chunks=train_chunks, seed=seed, temperature=temperature)  # fmt: skip
     restoration = _restore(loaded, shards, scored, direction, options, warnings)
     restore_s = time.perf_counter() - started
-    out_dir = Path(out) if out is not None else default_out(loaded.path, split)
     metrics_csv = find_metrics_csv(loaded.path)
     exact = model_codec.exact
     bits = summary.bits(scored, coders)
@@ -316,7 +323,6 @@ def evaluate(
         warnings=warnings,
         files=files,
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(files.json), report.dumps())
     atomic_write_text(Path(files.md), render_markdown(report))
     curve = read_curve(metrics_csv) if metrics_csv else {}

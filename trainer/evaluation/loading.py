@@ -94,7 +94,9 @@ def load_model(ckpt: str | Path, device: str | None = None) -> LoadedModel:
     """
     path = Path(ckpt)
     if not path.exists():
-        raise ModelError(f"{path}: no checkpoint here; pass a .ckpt file or an export folder")
+        raise ModelError(
+            f"{path}: missing: no checkpoint here; pass a .ckpt file or an export folder"
+        )
     if path.is_dir():
         if not (path / META_NAME).is_file():
             raise ModelError(

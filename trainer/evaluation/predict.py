@@ -15,18 +15,20 @@ when complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypedDict
+from typing import BinaryIO, TypedDict
 
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from pipeline.audio import AudioReader
+from pipeline.audio import AudioReader, probe
 from pipeline.codec import Codec
 from pipeline.errors import AudioError, run_cli
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_path, check_writable
 from trainer.data.batch import DIRECTIONS
 from trainer.evaluation import EvaluationError
 from trainer.evaluation.baselines import to_int16
@@ -145,11 +147,68 @@ def _with_path(exc: AudioError, inp: str | Path) -> AudioError:
     return exc if str(inp) in str(exc) else AudioError(f"{inp}: {exc}")
 
 
+def _check_files(inp: str | Path, out: Path, gaps: GapOptions) -> None:
+    """Refuse, before the model loads, an input that does not open as audio, a gaps file that is
+    not there and an output folder that takes no file (a full disk shows when written)."""
+    try:
+        probe(inp)
+    except AudioError as exc:
+        raise _with_path(exc, inp) from None
+    if gaps.file and not Path(gaps.file).exists():
+        raise EvaluationError(f"{gaps.file}: missing: no such gaps file; check --gaps-file")
+    check_writable(out.parent)
+
+
+class _Sink:
+    """The output file as libsndfile writes it, through Python: a write the disk refuses returns
+    short (an exception would cross C and print a traceback) and its OSError is kept for
+    `check`, which raises it in place of what libsndfile makes of the short write (`System
+    error.`, or soundfile's bare assert), so that atomic_path can name the reason."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.seek, self.tell, self.read = f.seek, f.tell, f.read
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            return 0
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def _output(tmp: Path, rate: int, fmt: str) -> Iterator[Callable[[np.ndarray], None]]:
+    """`write(frames)` of a stereo 16-bit `fmt` file at `tmp`: a write the disk refuses (the
+    header's, at the end, too) raises its OSError."""
+    with open(tmp, "wb") as raw:
+        sink = _Sink(raw)
+        try:
+            with sf.SoundFile(
+                sink, "w", samplerate=rate, channels=2, subtype="PCM_16", format=fmt
+            ) as f:
+
+                def write(frames: np.ndarray) -> None:
+                    try:
+                        f.write(frames)
+                    finally:
+                        sink.check()
+
+                yield write
+        finally:
+            sink.check()
+
+
 class _Writer:
     """The output file's frames in order: the input channel as read, the target as restored."""
 
-    def __init__(self, f: sf.SoundFile, src: int, bar: tqdm) -> None:
-        self.f, self.src, self.bar = f, src, bar
+    def __init__(self, out: Callable[[np.ndarray], None], src: int, bar: tqdm) -> None:
+        self.out, self.src, self.bar = out, src, bar
         self.pending = np.zeros((2, 0), np.int16)  # read, target not restored yet
         self.written = 0
 
@@ -162,7 +221,7 @@ class _Writer:
         stereo = np.empty((n, 2), np.int16)
         stereo[:, self.src] = self.pending[self.src, :n]
         stereo[:, 1 - self.src] = target
-        self.f.write(stereo)
+        self.out(stereo)
         self.pending = self.pending[:, n:]
         self.written += n
         self.bar.update(n)
@@ -242,12 +301,15 @@ def predict(
             to it, else the file's own rate.
 
     Raises:
-        UserError (EvaluationError, AudioError naming `inp`, ModelError): bad arguments, an
-            unreadable input or checkpoint, a model without an estimate head.
+        UserError (EvaluationError, AudioError naming `inp`, ModelError, DiskError): bad
+            arguments, a missing or unreadable input or gaps file, an output folder that takes
+            no file (these before the model loads), an unreadable checkpoint, a model without
+            an estimate head, a full disk.
     """
     out = Path(out)
     gaps = gaps or GapOptions()
     fmt = _check_arguments(inp, out, direction, batch_size, mode, gaps)
+    _check_files(inp, out, gaps)
     loaded = load_model(ckpt, device)
     if loaded.model.estimator is None:
         raise EvaluationError(
@@ -272,14 +334,8 @@ def predict(
                 total=reader.frames, unit="sample", unit_scale=True, desc=mode,
                 disable=not progress,
             )  # fmt: skip
-            with (
-                bar,
-                atomic_path(out) as tmp,
-                sf.SoundFile(
-                    tmp, "w", samplerate=rate, channels=2, subtype="PCM_16", format=fmt
-                ) as f,
-            ):
-                writer = _Writer(f, src, bar)
+            with bar, atomic_path(out) as tmp, _output(tmp, rate, fmt) as write:
+                writer = _Writer(write, src, bar)
                 repaired = _restore(
                     reader, writer, loaded.model, loaded.codec, length, batch_size, mode,
                     temperature, seed, gaps,

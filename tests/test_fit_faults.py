@@ -1,6 +1,6 @@
-"""`kill -9` of `fit` while a checkpoint is being written: the last whole checkpoint loads, the
-partial one never sits under a final name, and `--ckpt_path last` goes on with the batches the
-uninterrupted run saw."""
+"""`fit` under faults: `kill -9` while a checkpoint is being written leaves the last whole
+checkpoint loadable and the partial one under no final name, and `--ckpt_path last` goes on
+with the batches the uninterrupted run saw; a checkpoint the disk refuses is one line."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 from test_cli_train import REPO, _args
+from test_io_faults import _file_size_limit
 
 # Runs `python -m trainer fit` with a callback that appends each step's batch digest to
-# RECORD; with KILL_AT_SAVE=N the N-th checkpoint write stops half-way with SIGKILL.
+# RECORD; with KILL_AT_SAVE=N the N-th checkpoint file written stops half-way with SIGKILL.
 _SCRIPT = """
 import hashlib, io, json, os, signal, sys
 import pytorch_lightning as pl
@@ -37,17 +38,18 @@ def with_recorder():
     return options
 cli.trainer_defaults = with_recorder
 
-saves, save = [0], torch.save
-def dying_save(obj, f, *args, **kw):
+class DyingFile(io.FileIO):  # the N-th checkpoint file written stops half-way: SIGKILL
+    def write(self, data):
+        view = memoryview(data)
+        super().write(view[: len(view) // 2])
+        self.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+saves = [0]
+def checkpoint_open(path, mode="r", *args, **kw):
     saves[0] += 1
-    if saves[0] != kill_at:
-        return save(obj, f, *args, **kw)
-    buffer = io.BytesIO()
-    save(obj, buffer)
-    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
+    return DyingFile(path, "wb") if saves[0] == kill_at else open(path, mode, *args, **kw)
+cli.open = checkpoint_open  # trainer.cli's own `open`: SafeCheckpointIO's writes
 
 cli.main(sys.argv[2:])
 """
@@ -108,3 +110,20 @@ def test_kill_during_a_checkpoint_write_then_resume_sees_the_uninterrupted_batch
     resumed = _steps(again)
     assert sorted(resumed) == [2, 3, 4, 5]  # from the checkpoint's step 2, none repeated
     assert resumed == {step: _steps(whole)[step] for step in range(2, 6)}
+
+
+def test_a_checkpoint_over_the_file_size_limit_stops_fit_in_one_line(shard_dir, tmp_path):
+    args = _args(shard_dir, tmp_path, "--trainer.logger", "false")
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", *args],
+        cwd=REPO,
+        preexec_fn=_file_size_limit(1_000_000),  # the tiny model's checkpoint is larger
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{tmp_path}/checkpoints/" in errors[0] and "file size limit" in errors[0]
+    assert not list((tmp_path / "checkpoints").iterdir())  # no checkpoint, no temporary file
