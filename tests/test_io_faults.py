@@ -74,6 +74,17 @@ def test_predict_names_an_empty_file_or_a_folder_given_as_input_and_says_which(
     _no_temp_files(tmp_path)
 
 
+def test_a_web_page_saved_as_a_checkpoint_is_not_a_checkpoint(tmp_path, capsys):
+    page, inp, out = (
+        tmp_path / "model.ckpt",
+        _write(tmp_path / "in.wav", SEQ, RATE),
+        tmp_path / "o.wav",
+    )
+    page.write_text("<!DOCTYPE html><html><body>Sign in</body></html>\n")
+    assert predict_module.main([str(inp), str(out), "--ckpt", str(page), "--no-progress"]) == 2
+    _one_error_line(capsys.readouterr().err, f"error: {page}: not a checkpoint (torch.save writes")
+
+
 @pytest.mark.parametrize("which", ["--ckpt", "--shards"])
 def test_evaluate_names_a_missing_checkpoint_or_shard_set(ckpt, shard_dir, tmp_path, capsys, which):
     missing = tmp_path / "nothere"

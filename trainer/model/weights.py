@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +63,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     allow-list (on CPU). Raises ModelError (one line) for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise ModelError(f"{path}: no checkpoint file here; pass a .ckpt or an export folder")
+        raise ModelError(
+            f"{path}: missing: no checkpoint file here; pass a .ckpt or an export folder"
+        )
+    if not zipfile.is_zipfile(path):
+        raise ModelError(
+            f"{path}: not a checkpoint (torch.save writes a zip archive; this file is not one); "
+            "pass a Lightning .ckpt or a StereoT5.save_pretrained folder"
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
