@@ -24,6 +24,7 @@ from pipeline.audio import ChannelPolicy, ReaderPool, resampled_frames
 from pipeline.codec import int16_to_pcm16
 from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
+from pipeline.jobarray import resolve_partition
 from pipeline.parallel import parallel_map
 from pipeline.records import (
     CONFIG_STAMP,
@@ -44,15 +45,6 @@ from pipeline.tario import ShardWriter, npy_bytes
 JOURNAL = ".done"  # one small JSON per finished shard, so a re-run resumes where it stopped
 # tar header + npy header, and a 512-byte-padded json member with its header, per sample
 _SAMPLE_OVERHEAD = 512 + 128 + 1024 + 511
-
-
-def parse_partition(spec: str | None) -> tuple[int, int] | None:
-    if spec is None:
-        return None
-    match = re.fullmatch(r"(\d+)/(\d+)", spec)
-    if not match or not int(match[1]) < int(match[2]):
-        raise PipelineError(f"--partition {spec!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    return int(match[1]), int(match[2])
 
 
 def parse_bytes(spec: str | int) -> int:
@@ -413,7 +405,7 @@ def write_shards(
     """
     index_path = Path(index_path)
     out = Path(out) if out is not None else index_path.parent
-    part = parse_partition(partition)
+    part = resolve_partition(partition)  # a job array's task when not given
     plan = plan_shards(index_path, out, **options)
     _stamp_config(out, plan.config)
     todo = [j for n, j in enumerate(plan.jobs) if part is None or n % part[1] == part[0]]

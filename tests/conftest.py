@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from pipeline.index import build_index
+from pipeline.jobarray import VARIABLES
 from pipeline.shard import write_shards
 from pipeline.synth import make_corpus
 
@@ -44,6 +46,16 @@ def make_tree(root: Path) -> Tree:
     index = root.parent / f"{root.name}-index.json"
     build_index(root, index, jobs=1, progress=False)
     return Tree(root, index)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _not_a_job_array_task() -> Iterator[None]:
+    """The suite run inside a job array task still shards whole sets: `write_shards` reads
+    the task's number from the environment when no partition is given."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in VARIABLES:
+            patch.delenv(name, raising=False)
+        yield
 
 
 @pytest.fixture(scope="session")
