@@ -1,7 +1,9 @@
 """Read any supported audio file as int16 frames `[2, n]`: channel policy, bit depth, resampling.
 
 One reader for every format libsndfile decodes (WAV/WAVE_EXTENSIBLE/RF64, FLAC, AIFF, OGG/Vorbis,
-Opus, MP3). Files are read in blocks, so a two-hour file never sits in memory whole.
+Opus, MP3), and for MP4-family audio (.m4a .mp4 .stem.mp4 .aac) through `pipeline.mp4audio`
+(PyAV). Files are read in blocks, so a two-hour file never sits in memory whole. A path
+`FILE#STEM` reads one named audio stream of a multi-stream MP4 (`stream_key`).
 
 Quantization (docs/data.md): files of <= 16-bit integer PCM are read as int16 (exact; 8-bit scales
 up by 256). Wider integer files are read as int32 and reduced with integer arithmetic (round half
@@ -22,10 +24,13 @@ import soundfile as sf
 import soxr
 
 from pipeline.errors import AudioError, PipelineError
+from pipeline.mp4audio import MP4_EXTENSIONS, Mp4Decoder, Mp4OpenError, decoder_version, is_mp4_path
 
-AUDIO_EXTENSIONS = frozenset(
-    {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3"}
+AUDIO_EXTENSIONS = (
+    frozenset({".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3"})
+    | MP4_EXTENSIONS
 )
+STREAM_SEPARATOR = "#"
 BLOCK_FRAMES = 1 << 16
 
 # Subtypes libsndfile decodes to at most 16 significant bits: its int16 read is exact for these.
@@ -42,6 +47,24 @@ _PCM_SUBTYPES = frozenset({"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FL
 def is_audio_path(path: str | os.PathLike) -> bool:
     """True when the extension is a supported audio one, whatever its case (`.WAV` too)."""
     return os.path.splitext(path)[1].lower() in AUDIO_EXTENSIONS
+
+
+def stream_key(path: str, stem: str) -> str:
+    """The index key (or path) of one stem of a multi-stream MP4 file: `song.stem.mp4#drums`."""
+    return f"{path}{STREAM_SEPARATOR}{stem}"
+
+
+def split_stream_key(key: str | os.PathLike) -> tuple[str, str | None]:
+    """`song.stem.mp4#drums` -> (`song.stem.mp4`, `drums`); any other path -> (path, None).
+
+    Unambiguous: a stem name never holds a dot, so a key with a stem never ends in an audio
+    extension, and a real file named `a.m4a#b` is not an audio file.
+    """
+    key = os.fspath(key)
+    file, sep, stem = key.rpartition(STREAM_SEPARATOR)
+    if sep and stem and "." not in stem and "/" not in stem and is_mp4_path(file):
+        return file, stem
+    return key, None
 
 
 @dataclass(frozen=True)
@@ -112,6 +135,8 @@ class AudioInfo:
     subtype: str
     format: str
     header_frames: int
+    stems: tuple[str, ...] = ()  # the audio streams of a multi-stream MP4 file
+    decoder: str | None = None  # PyAV's and FFmpeg's versions, for files PyAV decodes
 
 
 def resampled_frames(frames: int, native_rate: int, sample_rate: int) -> int:
@@ -119,14 +144,16 @@ def resampled_frames(frames: int, native_rate: int, sample_rate: int) -> int:
     return frames if native_rate == sample_rate else round(frames * sample_rate / native_rate)
 
 
-def _open(path: str | os.PathLike) -> sf.SoundFile:
+def _open(path: str | os.PathLike) -> sf.SoundFile | Mp4Decoder:
+    """libsndfile's handle, or PyAV's decoder of one stream for an MP4-family file (or key)."""
+    file, stem = split_stream_key(path)
     try:
-        return sf.SoundFile(path)
-    except (sf.LibsndfileError, OSError) as exc:
-        raise AudioError(_why_unopened(path, exc)) from None
+        return Mp4Decoder(file, stem) if is_mp4_path(file) else sf.SoundFile(file)
+    except (sf.LibsndfileError, OSError, Mp4OpenError) as exc:
+        raise AudioError(_why_unopened(file, exc)) from None
 
 
-def _why_unopened(path: str | os.PathLike, exc: sf.LibsndfileError | OSError) -> str:
+def _why_unopened(path: str | os.PathLike, exc: sf.LibsndfileError | OSError | Mp4OpenError) -> str:
     """What kept `path` from opening: libsndfile says `System error.` for a missing or
     unreadable file and `Format not recognised.` for an empty file or a folder."""
     try:
@@ -145,6 +172,8 @@ def _why_unopened(path: str | os.PathLike, exc: sf.LibsndfileError | OSError) ->
         return "cannot open: permission denied"
     if isinstance(exc, sf.LibsndfileError):
         return f"not readable as audio: {exc.error_string}"
+    if isinstance(exc, Mp4OpenError):
+        return str(exc)
     return f"cannot open: {exc.strerror or exc}"
 
 
@@ -198,7 +227,15 @@ def probe(path: str | os.PathLike) -> AudioInfo:
     """Open a file and return its info; raise AudioError with the reason when it is not usable.
 
     One handle: header, then (compressed formats only) whether the header's last frame decodes.
+    An MP4-family file's count is its stream's duration (what decodes, priming and end padding
+    excluded); it is not decoded to the end here.
     """
+    if is_mp4_path(split_stream_key(path)[0]):
+        with _open(path) as mp4:
+            if mp4.frames <= 0:
+                raise AudioError("no audio frames")
+            info = (mp4.frames, mp4.samplerate, mp4.channels, mp4.subtype, mp4.format)
+            return AudioInfo(*info, mp4.frames, mp4.stems, decoder_version())
     with _open(path) as f:
         header_frames, rate, channels = f.frames, f.samplerate, f.channels
         fmt, subtype = f.format, f.subtype
@@ -296,7 +333,7 @@ class AudioReader:
                 yield self.policy.apply(block)
         except sf.LibsndfileError as exc:
             # a failed seek or decode leaves the handle unusable: start over on the next read
-            self._file = sf.SoundFile(self.path)
+            self._file = _open(self.path)
             raise AudioError(f"decode error: {exc.error_string}") from None
 
     def blocks(

@@ -19,11 +19,15 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 
 def _cmd_index(args: argparse.Namespace) -> None:
-    from pipeline.index import build_index, default_index_path
+    from pipeline.index import build_index, default_index_path, stems_sum_lines
 
     out = args.out or default_index_path(args.root)
-    result = build_index(args.root, out, args.jobs, args.lengths_json, progress=not args.quiet)
+    result = build_index(
+        args.root, out, args.jobs, args.lengths_json, progress=not args.quiet, stems=args.stems
+    )
     index = result.index
+    for line in stems_sum_lines(index):
+        print(line)
     rejected = sorted(index.rejected.items())
     for rel, rejection in rejected[:MAX_LISTED_REJECTIONS]:
         print(f"rejected: {rel}: {rejection.reason}", file=sys.stderr)
@@ -128,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "index",
         help="scan an audio tree into index.json (the lengths JSON)",
-        description="Scan ROOT for audio files (.wav .flac .aif .aiff .ogg .opus .mp3, any case) "
+        description="Scan ROOT for audio files (.wav .flac .aif .aiff .ogg .opus .mp3, and with "
+        "PyAV .m4a .mp4 .stem.mp4 .aac; any case) "
         "and write their readable frame counts, rates, channels and formats to a JSON index. "
         "Bad files are listed with a reason, never fatal. Unchanged files (same size and mtime) "
         "are not opened again.",
@@ -141,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="F",
         help="also write the original trainer's {absolute path: frames} JSON to F",
+    )
+    p.add_argument(
+        "--stems",
+        choices=("mixture", "all", "sum"),
+        default="mixture",
+        help="multi-stream MP4 (.stem.mp4): index stream 0, the mixture (default); all: each "
+        "stem as its own track FILE#STEM, kept in its song's split; sum: the mixture, and check "
+        "that it equals the sum of the stems (one line per file)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_index)
@@ -221,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="files whose chunks are mixed at a time (default 16)",
     )
     p.add_argument(
-        "--partition", metavar="I/N", help="write only part I of N (a job array); join with `merge`"
+        "--partition",
+        metavar="I/N",
+        help="write only part I of N (a job array; default: the array task's number from SLURM, "
+        "SGE or STEREOTOK_PART_INDEX/COUNT; `none`: the whole set); join with `merge`",
     )
     p.add_argument("--jobs", type=int, help="worker processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

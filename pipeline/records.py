@@ -36,6 +36,17 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+_OPTIONAL_ENTRY_FIELDS = (
+    "sha256",
+    "header_frames",
+    "aliases",
+    "streams",
+    "stems",
+    "stems_sum_db",
+    "decoder",
+)
+
+
 @dataclass
 class IndexEntry:
     """One readable audio file. `frames` is what really decodes, not what the header claims."""
@@ -52,6 +63,11 @@ class IndexEntry:
     sha256: str | None = None
     header_frames: int | None = None  # only when the header claims more than decodes
     aliases: list[str] = field(default_factory=list)  # other paths (symlinks) to the same file
+    # A multi-stream MP4 (`.stem.mp4`): its audio stream count and their names, stream 0 first
+    streams: int | None = None
+    stems: list[str] = field(default_factory=list)
+    stems_sum_db: float | None = None  # `index --stems sum`: mixture vs the stems' sum, in dB
+    decoder: str | None = None  # PyAV's and libavcodec's versions, for files PyAV decodes
 
     @property
     def seconds(self) -> float:
@@ -61,8 +77,8 @@ class IndexEntry:
         """Without the optional fields that are empty (``vars``, not ``asdict``: asdict deep-copies
         every field, which dominates writing a big index; docs/benchmarks.md)."""
         data = dict(vars(self))
-        for optional in ("sha256", "header_frames", "aliases"):
-            if not data[optional]:
+        for optional in _OPTIONAL_ENTRY_FIELDS:
+            if data[optional] is None or data[optional] == []:
                 del data[optional]
         return data
 

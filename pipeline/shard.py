@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio import ChannelPolicy, ReaderPool, resampled_frames
+from pipeline.audio import ChannelPolicy, ReaderPool, resampled_frames, split_stream_key
 from pipeline.codec import int16_to_pcm16
 from pipeline.errors import AudioError, PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
@@ -314,7 +314,7 @@ def _check_unchanged(index: AudioIndex, files: list[str], index_path: Path) -> N
     stale = []
     for rel in files:
         try:
-            st = os.stat(os.path.join(index.root, rel))
+            st = os.stat(os.path.join(index.root, split_stream_key(rel)[0]))
         except OSError:
             stale.append(f"{rel} (missing)")
             continue

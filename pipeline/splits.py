@@ -15,8 +15,10 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pipeline.audio import split_stream_key
 from pipeline.errors import PipelineError
 
+STEM_FILE = ".stem.mp4"  # a multi-stream song file (MUSDB18, NI Stems)
 SPLIT_FOLDERS = {"test": "test", "val": "val", "valid": "val", "validation": "val"}
 
 
@@ -27,8 +29,12 @@ def draw(seed: int, group: str) -> float:
 
 
 def group_of(rel: str, group_by: str) -> str:
+    """The group (track) of an index key: its folder, the file, or a pattern's match. The stems
+    of a `.stem.mp4` (`FILE#STEM` keys) are one song, the file; under `parent` too, since
+    MUSDB18's stem files lie flat in `train/` and `test/`, one song each."""
+    rel = split_stream_key(rel)[0]
     if group_by == "parent":
-        return os.path.dirname(rel)
+        return rel if rel.lower().endswith(STEM_FILE) else os.path.dirname(rel)
     if group_by == "file":
         return rel
     if group_by.startswith("regex:"):
