@@ -4,29 +4,108 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from trainer.data.batch import IGNORE
 
+if TYPE_CHECKING:
+    from trainer.model import StereoT5
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's data sheets, by a word of
+# `torch.cuda.get_device_name()`; a device not listed logs no MFU unless given `peak_flops`.
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The table's bf16 peak for a CUDA device (the first entry whose words all appear in
+    its name, so "A10" is not an "A10G"), else None."""
+    if device.type != "cuda":
+        return None
+    words = set(torch.cuda.get_device_name(device).replace("-", " ").split())
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if set(k.split()) <= words), None)
+
+
+def matmul_macs(module: nn.Module | None) -> int:
+    """Multiply-adds of applying every matrix weight of ``module`` once: nn.Linear weights and
+    attention input projections (embedding tables are lookups, no arithmetic)."""
+    if module is None:
+        return 0
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            total += sub.weight.numel()
+        elif isinstance(sub, nn.MultiheadAttention) and sub.in_proj_weight is not None:
+            total += sub.in_proj_weight.numel()
+    return total
+
+
+def model_flops_per_token(model: StereoT5, length: int) -> float:
+    """Training FLOPs per target sample of a window of ``length`` samples: 3 x the forward's
+    matmuls (backward is two matmuls per forward one), formula in docs/training.md."""
+    config, patch = model.config, model.patch_size
+    window = min(model.body_window or length, length) // patch  # keys each query attends
+    inner = config.num_heads * config.d_kv
+    attention_layers = config.num_layers + 2 * config.num_decoder_layers  # self, self + cross
+    body = matmul_macs(model.body.encoder) + matmul_macs(model.body.decoder)
+    per_sample = (body + attention_layers * 2 * inner * window) / patch
+    per_sample += matmul_macs(model.head) + matmul_macs(model.estimator)
+    per_sample += 2 * matmul_macs(model.value_embed)  # encoder and decoder inputs
+    if model.patch is not None:
+        two = model.patch
+        projections = (two.encoder_in, two.decoder_in, two.align_in, two.to_local)
+        per_sample += sum(matmul_macs(x) for x in projections) / patch
+        per_sample += 3 * matmul_macs(two.value)  # input, previous patch, previous sample
+        per_sample += matmul_macs(two.local) + len(two.local.layers) * 2 * two.local_d * patch
+    return 3 * 2 * per_sample
+
 
 class ThroughputMonitor(pl.Callback):
-    """Logs `train/tokens_per_s` (target tokens per second of wall clock),
-    `train/data_wait_frac` (the share of each step spent waiting for the loader) and `train/lr`."""
+    """Logs `train/tokens_per_s` (target tokens per second of wall clock), `train/data_wait_frac`
+    (the share of that time the host waited for the loader), `train/lr`,
+    `train/model_flops_per_token` (``model_flops_per_token``) and, where the device's bf16 peak
+    is known (``PEAK_BF16_FLOPS``) or given as ``peak_flops``, `train/mfu` (model FLOPs per
+    second over the peak).
 
-    def __init__(self) -> None:
-        self._step_end: float | None = None
-        self._step_start = 0.0
+    On a CPU a step is done when it returns, so each step is timed on its own. On a GPU the
+    host runs ahead of the device and a step's end on the host clock is its launch, so the
+    monitor synchronises with the device every ``sync_every`` steps (one host sync per window)
+    and logs the window's figures until the next one closes.
+    """
+
+    def __init__(self, sync_every: int = 50, peak_flops: float | None = None) -> None:
+        if sync_every < 1:
+            raise ValueError(f"ThroughputMonitor: sync_every must be >= 1, got {sync_every}")
+        self.sync_every, self.peak_flops = sync_every, peak_flops
+        self._window_start: float | None = None
+        self._step_end = self._wait = self._flops = 0.0
+        self._tokens = self._steps = 0
+        self._shown: dict[str, float] = {}  # the last closed window's figures
+        self._flops_of: dict[int, float] = {}  # window length -> model FLOPs per token
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._step_end = None  # the wait for the first batch includes worker start-up
+        self._window_start = None  # the wait for the first batch includes worker start-up
+        self._wait = self._flops = 0.0
+        self._tokens = self._steps = 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._step_start = time.perf_counter()
+        if self._window_start is not None:
+            self._wait += time.perf_counter() - self._step_end
 
     def on_train_batch_end(
         self,
@@ -36,22 +115,45 @@ class ThroughputMonitor(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        now = time.perf_counter()
-        if self._step_end is not None:
-            wait = self._step_start - self._step_end
-            total = now - self._step_end
-            tokens = batch["labels"].numel()  # train rows are never masked; and no host sync
+        labels = batch["labels"]  # train rows are never masked: numel counts targets, no sync
+        device, length = labels.device, labels.shape[1]
+        if length not in self._flops_of:
+            self._flops_of[length] = model_flops_per_token(pl_module, length)
+        if self._window_start is None:  # an epoch's first step only opens a window
+            self._open(device)
+            return
+        self._steps += 1
+        self._tokens += labels.numel()
+        self._flops += labels.numel() * self._flops_of[length]
+        if self._steps >= (self.sync_every if device.type == "cuda" else 1):
+            total = self._open(device, closing=True)
+            self._shown = {
+                "train/tokens_per_s": self._tokens / total,
+                "train/data_wait_frac": self._wait / total,
+                "train/model_flops_per_token": self._flops_of[length],
+            }
+            peak = self.peak_flops or device_peak_flops(device)
+            if peak:
+                self._shown["train/mfu"] = self._flops / total / peak
+            self._wait = self._flops = 0.0
+            self._tokens = self._steps = 0
+        else:
+            self._step_end = time.perf_counter()
+        if self._shown:
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
             pl_module.log_dict(
-                {
-                    "train/tokens_per_s": tokens / total,
-                    "train/data_wait_frac": wait / total,
-                    "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
-                },
-                on_step=True,
-                on_epoch=False,
-                batch_size=len(batch["labels"]),
-            )
-        self._step_end = now
+                {**self._shown, "train/lr": lr}, on_step=True, on_epoch=False,
+                batch_size=len(labels),
+            )  # fmt: skip
+
+    def _open(self, device: torch.device, closing: bool = False) -> float:
+        """Start a window now (after the device's queued work); the closed one's seconds."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        seconds = now - self._window_start if closing else 0.0
+        self._window_start = self._step_end = now
+        return seconds
 
 
 class AudioExamples(pl.Callback):

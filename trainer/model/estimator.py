@@ -102,17 +102,19 @@ class Estimator(nn.Module):
         """The static filter h [taps] (float32): least squares over the windows observed (a
         ridge of 1e-9 of the mean diagonal keeps it defined); zeros before any."""
         scale = self.gram.diagonal().mean()
-        if scale <= 0:
-            return torch.zeros(self.taps, device=self.gram.device)
+        seen = scale > 0  # a tensor, never read back: the step does not wait for the device
         eye = torch.eye(self.taps, dtype=self.gram.dtype, device=self.gram.device)
-        return torch.linalg.solve(self.gram + 1e-9 * scale * eye, self.cross).float()
+        ridge = torch.where(seen, 1e-9 * scale, torch.ones_like(scale))
+        solved = torch.linalg.solve_ex(self.gram + ridge * eye, self.cross, check_errors=False)
+        return torch.where(seen, solved.result, torch.zeros_like(solved.result)).float()
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
         """Add a training batch's normal equations (input x, target y [B, L], scored where
         ``keep``) to the static filter's sums, summed over processes when distributed."""
-        design = lagged(x.double(), self.taps)[keep]
-        target = y.double()[keep]
+        # unscored positions zeroed rather than dropped: a boolean index waits for the device
+        design = (lagged(x.double(), self.taps) * keep[..., None]).flatten(0, 1)
+        target = (y.double() * keep).flatten()
         gram, cross = design.T @ design, design.T @ target
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(gram)

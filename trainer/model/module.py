@@ -175,7 +175,6 @@ class StereoT5(pl.LightningModule):
         self.val_sums = SumMetrics(self.head.extra_names, estimates)
         self.test_sums = SumMetrics(self.head.extra_names, estimates)
         self._hidden_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.hidden
-        self._checked = False
 
         if init_from:
             weights.load_weights(self, init_from)
@@ -344,24 +343,16 @@ class StereoT5(pl.LightningModule):
 
     # ---------------------------------------------------------------- Lightning steps
 
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Every batch's tokens are range-checked here, on the host before the transfer: in a
+        step on an accelerator the check would be a host sync (a codec mismatch shows here)."""
+        self._check_batch(batch)
+        return batch
+
     def _check_batch(self, batch: Batch) -> None:
-        # On an accelerator the check is a host sync: do it for the first batch of each
-        # fit/validate/test run (a codec mismatch shows there); on CPU for every batch.
-        if not self._checked or batch["labels"].device.type == "cpu":
-            check_tokens(self.codec, batch["input_ids"], batch["labels"])
-            self._checked = True
-
-    def on_train_start(self) -> None:
-        self._checked = False
-
-    def on_validation_start(self) -> None:
-        self._checked = False
-
-    def on_test_start(self) -> None:
-        self._checked = False
+        check_tokens(self.codec, batch["input_ids"], batch["labels"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        self._check_batch(batch)
         scored = self.score(batch["input_ids"], batch["labels"])
         count = scored["count"].clamp(min=1)
         loss = scored["nll_sum"] / count  # nats per scored target sample
@@ -390,7 +381,6 @@ class StereoT5(pl.LightningModule):
         return sums
 
     def _eval_step(self, batch: Batch, sums: SumMetrics) -> torch.Tensor:
-        self._check_batch(batch)
         scored = self.score(batch["input_ids"], batch["labels"])
         sums.update(self.metric_sums(batch["labels"], scored))
         return scored["pred"]  # for callbacks (trainer.callbacks.AudioExamples)

@@ -102,6 +102,8 @@ class LogisticHead(Head):
         nn.init.zeros_(self.net[2].weight)
         with torch.no_grad():
             self.net[2].bias.copy_(self.initial_output().flatten())
+        # the untrained baseline's output, on the module's device (no copy from the host)
+        self.register_buffer("start", self.initial_output(), persistent=False)
 
     def initial_output(self) -> torch.Tensor:
         """The network's output at step 0 [3 + J, K]: ``initial_output`` and no mixing."""
@@ -183,7 +185,7 @@ class LogisticHead(Head):
         y, _ = self.values(targets)
         track, state = self.track(targets, inputs, state)
         with torch.no_grad():
-            start = self.initial_output().to(track.final)
+            start = self.start.to(track.final.dtype)
             start = start.expand(*track.final.shape, *start.shape)
             untrained = -self.log_prob(*self._mixture(start, track, self._spread(track)), y)
         logits, means, scales = self.mixture(hidden, track)

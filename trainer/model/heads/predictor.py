@@ -94,11 +94,20 @@ class Predictor:
         self.lookahead = max(taps, INPUT_REACH)
         self.history = max(order, taps, INPUT_REACH + 2, EMA_LEN, *self.cascade)
         self.candidates = len(self.cascade) + len(slow_forgets)
-        self.fixed = torch.zeros(self.dims, dtype=torch.float64)
-        self.fixed[0], self.fixed[1] = 2.0, -1.0
-        lags = torch.arange(1, EMA_LEN + 1, dtype=torch.float64)
-        self.kernels = torch.stack([(1 - d) * d ** (lags - 1) for d in EMA_DECAYS])  # lag 1 first
         self.n_features = 2 * len(EMA_DECAYS) + len(INPUT_SPANS) + self.candidates + 1
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed predictor (2 x[t-1] - x[t-2]) [D] and the causal averages' kernels
+        [len(EMA_DECAYS), EMA_LEN] (lag 1 first), built on ``device`` once: a copy from host
+        memory in every call would be a host sync on a GPU."""
+        if device not in self._constants:
+            fixed = torch.zeros(self.dims, dtype=torch.float64, device=device)
+            fixed[0], fixed[1] = 2.0, -1.0
+            lags = torch.arange(1, EMA_LEN + 1, dtype=torch.float64, device=device)
+            kernels = torch.stack([(1 - d) * d ** (lags - 1) for d in EMA_DECAYS])
+            self._constants[device] = (fixed, kernels)
+        return self._constants[device]
 
     def initial_state(self, batch: int, device: torch.device) -> PredictorState:
         """A stream's start: no history (unknown), no statistics, zero stage weights."""
@@ -227,8 +236,11 @@ class Predictor:
         trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)
         reg = (RIDGE * trace / self.dims + RIDGE_FLOOR)[..., None]
         eye = torch.eye(self.dims, dtype=cov.dtype, device=cov.device)
-        rhs = cross + reg * self.fixed.to(cov.device)
-        return torch.linalg.solve(cov + reg[..., None] * eye, rhs.unsqueeze(-1)).squeeze(-1)
+        rhs = cross + reg * self.constants(cov.device)[0]
+        # cov + reg I is positive definite (reg >= RIDGE_FLOOR), so the solve cannot fail:
+        # solve_ex without its error check, which reads the status back (a host sync)
+        a = cov + reg[..., None] * eye
+        return torch.linalg.solve_ex(a, rhs.unsqueeze(-1), check_errors=False)[0].squeeze(-1)
 
     def _cascade(
         self, residual: torch.Tensor, known: torch.Tensor, state: PredictorState
@@ -282,7 +294,7 @@ class Predictor:
         ratio of their causal averages of |error| (time constant CANDIDATE_DECAY), which is
         what a coder's stage mixing weighs its stages by."""
         window = slice(self.history - EMA_LEN, self.history + length - 1)
-        kernel = self.kernels[CANDIDATE_DECAY].flip(-1).view(1, 1, -1).to(abs_err.device)
+        kernel = self.constants(abs_err.device)[1][CANDIDATE_DECAY].flip(-1).view(1, 1, -1)
         both = torch.cat([cand_err[..., window], abs_err[:, None, window]], 1)
         levels = F.conv1d(both.flatten(0, 1).unsqueeze(1), kernel).view(*both.shape[:2], length)
         return torch.log((levels[:, :-1] + 1.0) / (levels[:, -1:] + 1.0)).mT
@@ -293,10 +305,11 @@ class Predictor:
         then the base error level (not log) the scales are relative to."""
         window = slice(self.history - EMA_LEN, self.history + length - 1)
         span, mass_in = abs_err[:, window], ke[:, window].double()  # t sees lags 1..EMA_LEN
-        kernel = self.kernels.flip(-1).unsqueeze(1).to(abs_err.device)  # oldest lag first
+        kernels = self.constants(abs_err.device)[1]
+        kernel = kernels.flip(-1).unsqueeze(1)  # oldest lag first
         sums = F.conv1d(torch.stack([span, mass_in], 0).flatten(0, 1).unsqueeze(1), kernel)
         level, mass = sums.view(2, abs_err.shape[0], len(EMA_DECAYS), length).unbind(0)
-        total = self.kernels.sum(-1).to(abs_err.device)[:, None]
+        total = kernels.sum(-1)[:, None]
         level = level + (total - mass) * self.unknown_error
         frac = mass / total
         base = level[:, BASE_DECAY : BASE_DECAY + 1]
