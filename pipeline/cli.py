@@ -43,11 +43,11 @@ def _cmd_index(args: argparse.Namespace) -> None:
 
 
 def _cmd_shard(args: argparse.Namespace) -> None:
+    from pipeline.append import append_shards
     from pipeline.shard import write_shards
 
-    m = write_shards(
-        args.index,
-        args.out,
+    out = args.out or args.index.parent
+    options = dict(
         partition=args.partition,
         jobs=args.jobs,
         progress=not args.quiet,
@@ -62,9 +62,29 @@ def _cmd_shard(args: argparse.Namespace) -> None:
         include=args.include,
         group_by=args.group_by,
         interleave=args.interleave,
-        splits_from=args.splits_from,
     )
-    _print_shard_summary(m, args.out or args.index.parent)
+    if not args.append:
+        if args.prune:
+            raise PipelineError("--prune: only with --append (it records files an append lost)")
+        _print_shard_summary(
+            write_shards(args.index, args.out, **options, splits_from=args.splits_from), out
+        )
+        return
+    if args.splits_from is not None:
+        raise PipelineError(
+            "--splits-from: not with --append, which keeps the splits of the set in --out"
+        )
+    m = append_shards(args.index, args.out, prune=args.prune, **options)
+    if m is None:
+        print(f"shard --append: nothing new in {args.index}; {out} is unchanged")
+        return
+    added = m.generations[-1]
+    print(
+        f"shard --append: generation {len(m.generations) - 1} adds {len(added.files or {})} "
+        f"files in {sum(len(p) for p in added.shards.values())} shards"
+        + (f", records {len(added.pruned)} gone (--prune)" if added.pruned else "")
+    )
+    _print_shard_summary(m, out)
 
 
 def _print_shard_summary(m, out: Path) -> None:
@@ -239,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="write only part I of N (a job array; default: the array task's number from SLURM, "
         "SGE or STEREOTOK_PART_INDEX/COUNT; `none`: the whole set); join with `merge`",
     )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the index's new files to the set in --out as a new generation of shards; "
+        "earlier shards stay byte for byte, earlier groups keep their splits; the options "
+        "must be the set's (re-index the grown tree first)",
+    )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="with --append: allow files of earlier generations that are gone from the tree, "
+        "and record them as gone (their chunks stay in the set's shards)",
+    )
     p.add_argument("--jobs", type=int, help="worker processes (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_shard)
@@ -260,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--against-source, every chunk must equal its source audio bit for bit (16-bit "
         "sources; others: the documented quantization). Exits non-zero, one line per problem.",
     )
-    p.add_argument("folder", type=Path, metavar="DIR", help="folder holding manifest.json")
+    # a str: `s3://bucket/set` through Path would lose a slash
+    p.add_argument("folder", metavar="DIR", help="folder (or s3:// prefix) holding manifest.json")
     p.add_argument(
         "--against-source",
         action="store_true",

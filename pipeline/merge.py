@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.records import SPLITS, Manifest, ShardInfo
+from pipeline.records import SPLITS, Manifest, ShardInfo, refuse_appended
 
 
 def merge_manifests(folders: list[Path], out: Path | None = None) -> Manifest:
     """Join the manifests of `--partition` parts (in one or several folders) into one set."""
     out = Path(out) if out is not None else Path(folders[0])
+    refuse_appended(out, "merging the parts of its first write again")
     parts: list[tuple[Path, Manifest]] = []
     for folder in folders:
         found = sorted(Path(folder).glob("manifest.part-*-of-*.json"))
@@ -43,6 +45,7 @@ def merge_manifests(folders: list[Path], out: Path | None = None) -> Manifest:
         rejected.update(m.rejected)
     for split in shards:
         shards[split].sort(key=lambda s: Path(s.path).name)
+    paths = {split: [s.path for s in infos] for split, infos in shards.items()}
     merged = Manifest(
         config=first.config,
         root=first.root,
@@ -54,6 +57,7 @@ def merge_manifests(folders: list[Path], out: Path | None = None) -> Manifest:
         duplicates=first.duplicates,
         resampled=first.resampled,
         truncated=first.truncated,
+        generations=[replace(first.generations[0], shards=paths)],  # parts are of a first write
     )
     merged.save(out / "manifest.json")
     return merged

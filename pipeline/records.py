@@ -211,6 +211,47 @@ class ShardConfig:
             del data["forced_splits"]
         return data
 
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """The keys in which a stored stamp differs from this config, sorted."""
+        mine = self.to_dict()
+        return sorted(k for k in stored.keys() | mine.keys() if stored.get(k) != mine.get(k))
+
+
+@dataclass
+class SourceRecord:
+    """One usable file a generation planned, as the index described it then: a later append
+    checks that the tree still holds it unchanged, and never forces its group into a split."""
+
+    bytes: int
+    mtime_ns: int
+    split: str
+    chunks: int  # whole chunks at the set's rate (0: planned, but nothing to cut)
+    sha256: str | None = None  # only when the index fingerprinted it
+
+
+@dataclass
+class Generation:
+    """One write of a shard set: the first `shard`, or one `shard --append`."""
+
+    index_sha256: str  # the index it was planned from
+    # path -> record of the files it added; None for a set made before generations were recorded
+    files: dict[str, SourceRecord] | None
+    shards: dict[str, list[str]]  # split -> the paths of its shards, in `Manifest.shards` order
+    pruned: list[str] = field(default_factory=list)  # earlier files gone at this append
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dict(vars(self))
+        if self.files is not None:
+            data["files"] = {k: vars(v) for k, v in sorted(self.files.items())}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Generation:
+        files = data["files"]
+        if files is not None:
+            files = {k: SourceRecord(**v) for k, v in files.items()}
+        return cls(**{**data, "files": files})
+
 
 @dataclass
 class Manifest:
@@ -228,6 +269,8 @@ class Manifest:
     # files whose header claims more frames than decode: path -> frames read (verify needs it)
     truncated: dict[str, int] = field(default_factory=dict)
     partition: tuple[int, int] | None = None  # (i, n) for one part of a job array
+    # the writes that made the set, first one first; `shards` lists every generation's shards
+    generations: list[Generation] = field(default_factory=list)
 
     def samples(self, split: str) -> int:
         return sum(s.samples for s in self.shards.get(split, []))
@@ -236,10 +279,11 @@ class Manifest:
         return self.samples(split) * self.config.chunk_frames / self.config.sample_rate
 
     def to_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in vars(self).items() if k not in ("config", "shards")}
+        data = {k: v for k, v in vars(self).items() if k not in ("config", "shards", "generations")}
         data["format"] = MANIFEST_FORMAT
         data["config"] = self.config.to_dict()
         data["shards"] = {k: [vars(s) for s in v] for k, v in self.shards.items()}
+        data["generations"] = [g.to_dict() for g in self.generations]
         data["totals"] = {
             split: {"samples": self.samples(split), "seconds": self.seconds(split)}
             for split in self.shards
@@ -256,6 +300,11 @@ class Manifest:
         fields_ = {k: v for k, v in data.items() if k not in ("format", "totals")}
         fields_["config"] = ShardConfig(**data["config"])
         fields_["shards"] = {k: [ShardInfo(**s) for s in v] for k, v in data["shards"].items()}
+        if "generations" in data:
+            fields_["generations"] = [Generation.from_dict(g) for g in data["generations"]]
+        else:  # written before generations: one, whose files were not recorded
+            paths = {k: [s.path for s in v] for k, v in fields_["shards"].items()}
+            fields_["generations"] = [Generation(data["config"]["index_sha256"], None, paths)]
         if fields_.get("partition") is not None:
             fields_["partition"] = tuple(fields_["partition"])
         return cls(**fields_)
@@ -292,3 +341,14 @@ def recorded_splits(path: Path | str, *, required: bool = True) -> dict[str, str
         if split not in SPLITS:
             raise PipelineError(f"{path}: {group!r} is forced into {split!r}, not a split")
     return forced
+
+
+def refuse_appended(out: Path, what: str) -> None:
+    """A set grown by `shard --append` is written further only by `--append`: rewriting its
+    manifest from its first generation's plan (`what`) would drop the later generations."""
+    manifest = out / "manifest.json"
+    if manifest.exists() and len(Manifest.load(manifest).generations) > 1:
+        raise PipelineError(
+            f"{out}: holds a shard set grown by `shard --append`; {what} would drop its later "
+            "generations: use `shard --append`, or another --out"
+        )
