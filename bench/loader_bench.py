@@ -1,7 +1,9 @@
 """Loader benchmark: tokens/s delivered by the shard train loader (0 and 2 workers, batch 8),
 by the original random-access dataset on WAV and on FLAC copies, by vanilla webdataset merely
-iterating the same shards, and the raw read rate of the shard bytes; bytes read per token; and
-the time a resume takes to skip 1000 batches. One run, one corpus, printed side by side.
+iterating the same shards, the shard loader streaming the same set from an S3 server on
+127.0.0.1 (moto's, when moto[server] and s3fs are installed), and the raw read rate of the shard
+bytes; bytes read per token; and the time a resume takes to skip 1000 batches. One run, one
+corpus, printed side by side.
 
     python bench/loader_bench.py [--tracks 16] [--seconds 60] [--batches 300]
 
@@ -12,9 +14,15 @@ delivers 8 L input tokens (and as many labels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,7 @@ from trainer.data.tasks import TASKS
 
 RATE = 44100
 BATCH = 8
+S3_ROUNDS = 3
 
 
 def make_corpus(root: Path, tracks: int, seconds: float) -> dict[str, dict[str, int]]:
@@ -76,14 +85,68 @@ def raw_read(urls: list[str], frames: int) -> float:
     return frames / (time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def s3_copy(folder: Path) -> Iterator[tuple[str, dict] | None]:
+    """The shard set uploaded to moto's S3 server, started on a free port of 127.0.0.1:
+    (its s3:// URL, storage_options); None when moto[server] or s3fs is not installed."""
+    try:
+        import moto.server  # noqa: F401
+        import s3fs
+    except ImportError:
+        yield None
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(name, "bench")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    options = {"endpoint_url": f"http://127.0.0.1:{port}"}
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(options["endpoint_url"], timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError("moto.server did not start") from None
+        fs = s3fs.S3FileSystem(**options)
+        fs.mkdir("bench-shards")
+        fs.put(f"{folder}/", "bench-shards/set", recursive=True)
+        yield "s3://bench-shards/set", options
+    finally:
+        server.kill()
+        server.wait()
+
+
+def s3_rates(folder: Path, s3: tuple[str, dict], seq_len: int, batches: int) -> tuple[float, float]:
+    """Tokens/s of the 0-worker loader on the local set and on its S3 copy, each the best of
+    `S3_ROUNDS` runs, the rounds interleaved (other load only ever slows a run down)."""
+    modules = [
+        ShardDataModule(str(folder), seq_len=seq_len, batch_size=BATCH, num_workers=0),
+        ShardDataModule(
+            s3[0], seq_len=seq_len, batch_size=BATCH, num_workers=0, storage_options=s3[1]
+        ),
+    ]
+    best = [0.0, 0.0]
+    for _ in range(S3_ROUNDS):
+        for n, dm in enumerate(modules):
+            best[n] = max(best[n], rate(dm.train_dataloader(), batches, BATCH * seq_len))
+    return best[0], best[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracks", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--batches", type=int, default=300)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         lengths = make_corpus(root / "audio", args.tracks, args.seconds)
         build_index(root / "audio" / "wav", root / "index.json", progress=False)
         write_shards(
@@ -103,6 +166,7 @@ def main() -> None:
             Path(path).read_bytes()
         ceiling = vanilla_wds(urls, chunk)
         raw = raw_read(urls, total_frames)
+        s3 = stack.enter_context(s3_copy(root / "shards"))
         print(
             f"loader benchmark: {args.tracks} tracks x {args.seconds:g} s of 16-bit 44.1 kHz "
             f"stereo, {len(urls)} shards of {chunk}-frame chunks, batch {BATCH}, "
@@ -129,6 +193,9 @@ def main() -> None:
                         rate(dm.train_dataloader(), args.batches, per_batch),
                     )
                 )
+            if s3 is not None:
+                local, remote = s3_rates(root / "shards", s3, seq_len, args.batches)
+                rows.append(("shard loader, 0 workers, S3 on 127.0.0.1", remote))
             rows += [
                 ("vanilla webdataset iterating the shards", ceiling),
                 ("raw read of the shard bytes", raw),
@@ -138,11 +205,18 @@ def main() -> None:
                     f"{name:<42}{seq_len:>6}{value / 1e6:>12.1f}{value / base['flac']:>17.1f}x"
                     f"{value / base['wav']:>16.1f}x{value / ceiling:>15.2f}x"
                 )
+            if s3 is None:
+                print("  S3 row skipped: moto[server] and s3fs are not installed")
+            else:
+                print(
+                    f"  L={seq_len}: S3 on 127.0.0.1 / local files, 0 workers, best of "
+                    f"{S3_ROUNDS} interleaved: {remote / local:.2f}x"
+                )
             dm = ShardDataModule(
                 str(root / "shards"), seq_len=seq_len, batch_size=BATCH, num_workers=0
             )
             stream = dm.train_stream()
-            groups = [stream._group(0, 0, g) for g in range(20)]
+            groups = [stream._windows(0).group(0, g) for g in range(20)]
             windows_per_chunk = sum(len(g.order) for g in groups) / (20 * stream.group_chunks)
             read_per_chunk = shard_bytes / manifest.samples("train")
             # a window delivers L input and L label tokens of 2 bytes (uint16) each

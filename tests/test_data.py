@@ -70,14 +70,15 @@ def test_tokens_equal_the_codec_of_the_source_audio(tree, shard_dir, codec):
 def test_every_window_of_every_chunk_visit_is_delivered_once(shard_dir):
     dm = _module(shard_dir, return_meta=True, batch_size=1)
     stream = dm.train_stream()
-    groups = [stream._group(0, 0, b) for b in range(3)]
+    windows = stream._windows(0)
+    groups = [windows.group(0, number) for number in range(3)]
     expected = Counter()
-    chunks = stream._chunks_from(0, 0, 0, [])
+    chunks = stream.split.chunks(windows.shard_order(0), 0, want_meta=True)
     for group in groups:
         for offset, count in zip(group.offsets, group.counts, strict=True):
             _, (source, chunk_start) = next(chunks)
             expected.update((source, chunk_start + offset + i * SEQ) for i in range(count))
-    n = sum(len(b.order) for b in groups)
+    n = sum(len(g.order) for g in groups)
     got = Counter(b["meta"][0] for b in _take(stream.batches(0, 0, 0), n))
     assert got == expected
     assert all(c in (CHUNK // SEQ, CHUNK // SEQ - 1) for b in groups for c in b.counts)
@@ -162,7 +163,7 @@ def test_resume_continues_with_the_uninterrupted_batches(shard_dir, workers):
 def test_resume_decodes_no_skipped_sample(shard_dir):
     dm = _module(shard_dir, batch_size=2, shuffle_buffer=8, batches_per_epoch=400)
     stream = dm.train_stream()
-    group_windows = len(stream._group(0, 0, 0).order)
+    group_windows = len(stream._windows(0).group(0, 0).order)
     DECODED["samples"] = 0
     next(iter(stream.batches(0, 0, 300)))
     assert DECODED["samples"] <= stream.group_chunks  # one shuffle group, not 300 batches

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline import storage
 from pipeline.codec import get_codec
 from pipeline.errors import UserError
 from pipeline.records import Manifest
 from trainer.data.augment import Augment
 from trainer.data.batch import Batch, DataError, RawBatch, parse_direction, tokenize
+from trainer.data.epoch import Segment
 from trainer.data.eval_stream import EvalStream
 from trainer.data.shards import ReadPolicy, ShardSplit, shard_url
 from trainer.data.tasks import Task
@@ -67,12 +68,41 @@ class ShardLoader(DataLoader):
         self.skipped: dict[str, str] = {}  # shard url -> why, each reported once
 
     def state_dict(self) -> dict:
-        """Where the stream stands is the trainer's own progress (epoch, batches done), which
-        the checkpoint already holds; `__iter__` reads it, so nothing else needs saving."""
-        return {"position": [int(v) for v in self.dataset.position]} if self._where else {}
+        """Where the train stream stands: the trainer's own progress (epoch, batches done, the
+        same on every rank), and the layouts the epoch has run under, so that a run resumed
+        with other ranks or workers consumes what is left of it (trainer/data/epoch.py)."""
+        if self._where is None:
+            return {}
+        epoch, done = self._where()
+        stream = self.dataset
+        return {
+            "position": [epoch, done],
+            "global_batch": stream.layout.batch * stream.layout.ranks,
+            "steps": stream.batches_per_epoch,
+            "segments": [segment.to_dict() for segment in stream.segments(epoch)],
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore: see `state_dict`."""
+        """The epoch's layouts from a checkpoint; its global batch must be this run's."""
+        if self._where is None or "segments" not in state:
+            return
+        stream = self.dataset
+        batch = stream.layout.batch * stream.layout.ranks
+        if state["global_batch"] != batch:
+            raise DataError(
+                f"the checkpoint trained with a global batch of {state['global_batch']} windows, "
+                f"this run has {batch} ({stream.layout.ranks} ranks x batch_size "
+                f"{stream.layout.batch}); set data.init_args.global_batch_size "
+                f"{state['global_batch']} to resume it"
+            )
+        if state["steps"] != stream.batches_per_epoch:
+            raise DataError(
+                f"the checkpoint's epochs are {state['steps']} steps, this run's "
+                f"{stream.batches_per_epoch}; set data.init_args.batches_per_epoch "
+                f"{state['steps']} to resume it"
+            )
+        epoch, done = (int(v) for v in state["position"])
+        stream.resume(epoch, done, [Segment.from_dict(segment) for segment in state["segments"]])
 
     def __iter__(self) -> Iterator[Batch]:
         if self._where is not None:
@@ -112,17 +142,25 @@ class ShardDataModule(pl.LightningDataModule):
     """Batches `input_ids [B, L]`, `labels [B, L]`, `direction [B]` from a shard set.
 
     Args:
-        manifest: manifest.json of a shard set, or its folder.
-        url_prefix: where the shards are (default: the manifest's folder); any URL webdataset
-            opens, e.g. `pipe:aws s3 cp s3://bucket/set` (shard paths are appended).
+        manifest: manifest.json of a shard set, or its folder: a path or an `s3://` URL
+            (`s3://bucket/set` or `s3://bucket/set/manifest.json`).
+        url_prefix: where the shards are (default: the manifest's folder); an `s3://` prefix or
+            any URL webdataset opens, e.g. `pipe:aws s3 cp s3://bucket/set` (shard paths are
+            appended).
+        storage_options: fsspec's options for `s3://` manifests and shards (s3fs's, e.g.
+            `{"endpoint_url": "http://127.0.0.1:9000"}`; default: the AWS environment
+            variables and config files).
         seq_len: input frames per window (window and target together at most the shards' chunk).
         task: `channel` (one channel from the other, the original) or `continuation` (the next
             `target_len` frames of a channel from its previous `seq_len`).
         target_len: label frames of `continuation` (default: seq_len).
         windows_per_chunk: train windows cut from each chunk (default: all it holds).
         shuffle_buffer: windows permuted together (a shuffle group of chunks).
-        batches_per_epoch: train batches per epoch and rank (default: the train windows of the
-            manifest divided by batch_size x ranks).
+        batches_per_epoch: train steps per epoch, the same on every rank (default: the train
+            windows of the manifest over the global batch); an epoch is that many global
+            batches of one order of windows, whatever the ranks and workers.
+        global_batch_size: train windows per step over all ranks (default: batch_size x
+            ranks); set it to resume a run on another number of ranks.
         on_corrupt: `fail` (stop at a shard that cannot be read whole) or `skip` (report it
             once, leave its unread samples out unscored, go on; positions stay exact).
         read_retries: times a remote shard (any URL but a local path) that fails is read
@@ -153,9 +191,11 @@ class ShardDataModule(pl.LightningDataModule):
         bits: tuple[int, int] = (4, 12),
         cutoff: tuple[float, float] = (0.1, 0.5),
         augment: dict | None = None,
+        global_batch_size: int | None = None,
         on_corrupt: str = "fail",
         read_retries: int = 3,
         retry_backoff_s: float = 1.0,
+        storage_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -169,11 +209,13 @@ class ShardDataModule(pl.LightningDataModule):
             raise DataError(f"augment {augment}: {exc}; see trainer/data/augment.py") from None
         # the task's window, and more when a speed-up must still fill it
         self.read_frames = self.augment.read_frames(self.task.window)
-        path = Path(manifest)
-        self.manifest = Manifest.load(path)
+        self.storage_options = dict(storage_options or {})
+        location = storage.manifest_file(str(manifest))
+        data = storage.read_json(location, "shard manifest", self.storage_options)
+        self.manifest = Manifest.from_dict(data, location)
         self.sample_rate = int(self.manifest.config.sample_rate)  # W&B audio examples play at it
-        self.folder = path if path.is_dir() else path.parent
-        self.url_prefix = url_prefix or str(self.folder)
+        self.folder = storage.parent(location)
+        self.url_prefix = url_prefix or self.folder
         self.direction = parse_direction(direction)
         get_codec(codec)
         chunk = self.manifest.config.chunk_frames
@@ -208,6 +250,7 @@ class ShardDataModule(pl.LightningDataModule):
             [s.samples for s in shards],
             self.manifest.config.chunk_frames,
             self.read_policy,
+            self.storage_options,
         )
 
     def _loader_kw(self) -> dict:
@@ -224,13 +267,21 @@ class ShardDataModule(pl.LightningDataModule):
         if rank is None:
             rank, world_size = _world()
         per_chunk = hp.windows_per_chunk or self.manifest.config.chunk_frames // self.read_frames
+        batch = hp.batch_size
+        if hp.global_batch_size is not None:
+            batch, rest = divmod(hp.global_batch_size, world_size)
+            if rest or not batch:
+                raise DataError(
+                    f"global_batch_size {hp.global_batch_size} does not split over "
+                    f"{world_size} ranks; pick a multiple of {world_size}"
+                )
         batches = hp.batches_per_epoch or max(
-            1, sum(split.samples) * per_chunk // (hp.batch_size * world_size)
+            1, sum(split.samples) * per_chunk // (batch * world_size)
         )
         return TrainStream(
             split,
             self.read_frames,
-            hp.batch_size,
+            batch,
             self.direction,
             hp.windows_per_chunk,
             hp.shuffle_buffer,
@@ -241,6 +292,7 @@ class ShardDataModule(pl.LightningDataModule):
             hp.return_meta,
             task=self.task,
             augment=self.augment,
+            workers=hp.num_workers,
         )
 
     def _where(self) -> tuple[int, int]:

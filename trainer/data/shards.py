@@ -1,7 +1,9 @@
 """Reading chunks out of tar shards: only `.npy` and `.json` members, never a pickle.
 
 A local path opens seekable, so a resume seeks over the members it skips instead of reading
-them; any other URL webdataset opens (`pipe:`, `s3://` via a pipe, ...) is read as a stream.
+them; an `s3://` URL is read as a stream of ranged GETs through fsspec (`pipeline/storage.py`,
+with the split's `storage_options`), any other URL webdataset opens (`pipe:`, `http://`) as
+webdataset's stream.
 Every shard must deliver the samples its manifest lists: `tarfile` ends quietly at a cut on a
 member boundary (and, seekable, at a damaged header), so the count is checked at the end, with
 the exit status of a pipe. A remote shard that fails is read again (`ReadPolicy.retries`) from
@@ -16,14 +18,15 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import webdataset as wds
 from webdataset.gopen import Pipe
 
+from pipeline import storage
 from pipeline.records import ChunkMeta, ShardInfo
 from pipeline.tario import ALLOWED_EXTENSIONS, load_npy
 from trainer.data.batch import DataError
@@ -60,14 +63,20 @@ def is_local(url: str) -> bool:
 
 def _fix(url: str) -> str:
     """The fix for a shard that cannot be read: verify the set it belongs to."""
-    if not is_local(url):
+    if not is_local(url) and not storage.is_url(url):
         return "check the set where it is stored with `python -m pipeline verify` on its folder"
     folder = url.removeprefix("file:").rsplit("/", 2)[0]
     return f"check the set with `python -m pipeline verify {folder}` and re-create what it names"
 
 
-def _open(url: str) -> IO[bytes]:
-    """The shard's bytes: a local file (seekable) or the stream webdataset opens for `url`."""
+def _open(url: str, options: Mapping[str, Any] | None) -> IO[bytes]:
+    """The shard's bytes: a local file (seekable), an object's stream (`s3://`, fsspec
+    `options`) or the stream webdataset opens for `url`."""
+    if storage.is_url(url):
+        try:
+            return storage.open_read(url, options)
+        except FileNotFoundError:
+            raise ShardReadError(f"{url}: the shard is missing; {_fix(url)}") from None
     if not is_local(url):
         return wds.gopen(url)
     path = url.removeprefix("file:")
@@ -99,10 +108,12 @@ def _pipe_failed(url: str, stream: IO[bytes], wait_s: float | None) -> ShardRead
     )
 
 
-def _members(url: str, skip: int, want_meta: bool, expected: int | None) -> Iterator[Chunk]:
+def _members(
+    url: str, skip: int, want_meta: bool, expected: int | None, options: Mapping[str, Any] | None
+) -> Iterator[Chunk]:
     number, key = -1, None  # sample number of the member being looked at
     pending: dict[str, bytes] = {}
-    stream = _open(url)
+    stream = _open(url, options)
     try:
         with tarfile.open(fileobj=stream, mode="r:" if is_local(url) else "r|") as tar:
             for info in tar:
@@ -150,17 +161,21 @@ def _members(url: str, skip: int, want_meta: bool, expected: int | None) -> Iter
 
 
 def iter_chunks(
-    url: str, skip: int = 0, want_meta: bool = False, expected: int | None = None
+    url: str,
+    skip: int = 0,
+    want_meta: bool = False,
+    expected: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[Chunk]:
     """(uint16 `[2, C]`, (source, start) or None) per sample of one shard, from sample `skip`.
 
     Only `.npy` (never unpickled) and `.json` members are allowed; anything else is refused.
     With `expected`, a shard that ends before (or after) that many samples is an error. What
     cannot be read (a missing or damaged tar, a failing pipe, a bad `.npy`) is a
-    `ShardReadError` naming the shard.
+    `ShardReadError` naming the shard. `storage_options` are fsspec's, for an `s3://` URL.
     """
     try:
-        yield from _members(url, skip, want_meta, expected)
+        yield from _members(url, skip, want_meta, expected, storage_options)
     except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise ShardReadError(f"{url}: unreadable ({reason}); {_fix(url)}") from exc
@@ -192,19 +207,21 @@ def _check_chunk(chunk: np.ndarray, url: str, frames: int) -> None:
 
 
 def shard_url(prefix: str, info: ShardInfo) -> str:
-    """Where a manifest's shard is under `prefix` (a folder or any URL webdataset opens)."""
+    """Where a manifest's shard is under `prefix` (a folder, `s3://` prefix or any URL
+    webdataset opens)."""
     return f"{prefix.rstrip('/')}/{info.path}"
 
 
 @dataclass(frozen=True)
 class ShardSplit:
     """The shards of one split: their URLs, sample counts (from the manifest), chunk length,
-    and what to do when one fails."""
+    what to do when one fails, and the fsspec options of `s3://` URLs."""
 
     urls: list[str]
     samples: list[int]
     chunk_frames: int
     policy: ReadPolicy = field(default_factory=ReadPolicy)
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def chunks(
         self,
@@ -236,7 +253,8 @@ class ShardSplit:
         done, failures = skip, 0
         while True:
             try:
-                for chunk, meta in iter_chunks(url, done, want_meta, count):
+                chunks = iter_chunks(url, done, want_meta, count, self.storage_options)
+                for chunk, meta in chunks:
                     _check_chunk(chunk, url, self.chunk_frames)
                     done += 1
                     yield chunk, meta

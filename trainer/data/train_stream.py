@@ -1,54 +1,45 @@
-"""The train stream: deterministic shuffle groups with an arithmetic resume (see docs/data.md).
+"""The train stream: the elastic epoch of trainer/data/epoch.py, read and cut into batches.
 
-Each rank has `num_workers` virtual streams (1 when there are no workers); global batch g of an
-epoch comes from stream g % streams, as PyTorch's DataLoader takes batches from its workers in
-turn. A stream is a deterministic function of (seed, epoch, rank, stream): webdataset's
-`ResampledShards` (deterministic, seeded) picks shards, their chunks are read in order, and
-every shuffle group (the chunks that hold `shuffle_buffer` windows) is cut into windows and
-permuted. Everything random (shard order, window offsets, the permutation, directions) follows
-from counts in the manifest, never from the data, so resuming at batch k is arithmetic: skip
-whole shards unopened, skip tar members by their headers, and decode only the shuffle group
-that batch k starts in. (webdataset's sliding shuffle buffer has no restorable state; this
-group shuffle permutes as many windows and has one.)
+One epoch is one order of windows whatever the number of ranks and workers (see epoch.py and
+docs/data.md): each rank's loader workers are virtual streams of a `Layout`, pack q of an epoch
+segment comes from virtual stream q % streams (as PyTorch's DataLoader takes batches from its
+workers in turn), and a stream reads the shuffle groups of its runs: whole shards before them
+skipped unopened, tar members skipped by their headers, only its groups decoded. Everything
+random (shard order, window offsets, the permutation, directions) follows from counts in the
+manifest, never from the data, so resuming at step k is arithmetic, under the same layout or
+another one.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from trainer.data.augment import Augment
-from trainer.data.batch import DIRECTIONS, RawBatch, raw_batch
+from trainer.data.batch import DataError, RawBatch, raw_batch
+from trainer.data.epoch import (
+    Layout,
+    Segment,
+    ShuffleGroup,
+    Windows,
+    consumed_after,
+    positions_to_windows,
+    stream_positions,
+)
 from trainer.data.shards import Chunk, ShardSplit
 from trainer.data.tasks import Task
 
-__all__ = ["SHIFTED_CHUNKS", "ShuffleGroup", "TrainStream"]
-
-SHIFTED_CHUNKS = 0.25  # train chunks whose windows start anywhere in [0, L), see TrainStream
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-@dataclass
-class ShuffleGroup:
-    """The windows of `group_chunks` consecutive stream chunks, in their permuted order."""
-
-    offsets: np.ndarray  # [chunks] first window start in each chunk
-    counts: np.ndarray  # [chunks] windows in each chunk
-    order: np.ndarray  # [windows] -> index into the group's windows (chunk-major)
-    directions: np.ndarray  # [windows] in output order
-    seeds: np.ndarray  # [windows] in output order: each window's own RNG seed (tasks)
+__all__ = ["TrainStream"]
 
 
 class TrainStream(IterableDataset):
-    """Infinite-within-an-epoch batches for one rank; see the module docstring."""
+    """One rank's batches of the elastic epoch; see the module docstring. `workers` is the
+    loader's (its virtual streams); `resumed` (epoch, segments), set from a checkpoint, holds
+    the layouts that epoch ran under before."""
 
     def __init__(
         self,
@@ -66,6 +57,7 @@ class TrainStream(IterableDataset):
         pack: int = 8,
         task: Task | None = None,
         augment: Augment | None = None,
+        workers: int = 0,
     ) -> None:
         self.split, self.chunk_frames = split, split.chunk_frames
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -79,96 +71,77 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.return_meta = rank, world_size, return_meta
         # [epoch, first batch of the epoch still to deliver]; shared with workers (persistent too)
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
+        # a stream's run is about one shuffle group, in whole packs
+        runs = max(1, round(self.group_chunks * nominal / (batch_size * pack)))
+        self.layout = Layout(world_size, max(1, workers), batch_size, pack, runs * pack)
+        self.resumed: tuple[int, list[Segment]] | None = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _group(self, epoch: int, stream: int, number: int) -> ShuffleGroup:
-        rng = np.random.default_rng([self.seed, epoch, self.rank, stream, number])
-        n, frames, length = self.group_chunks, self.chunk_frames, self.seq_len
-        if self.windows_per_chunk:
-            counts = np.full(n, self.windows_per_chunk)
-            offsets = rng.integers(0, frames - counts * length, endpoint=True)
-        else:
-            # All windows the chunk holds from a random start. A start past the slack C mod L
-            # costs a window (1/4 of L = 8192 in a 32768 chunk), so only a quarter of the
-            # chunks are shifted that far: window boundaries still move between epochs, and
-            # ~97% of what is read is delivered.
-            slack = frames - (frames // length) * length
-            shifted = rng.random(n) < SHIFTED_CHUNKS
-            offsets = np.where(
-                shifted,
-                rng.integers(0, min(length, frames - length + 1), size=n),
-                rng.integers(0, slack, size=n, endpoint=True),
-            )
-            counts = (frames - offsets) // length
-        order = rng.permutation(int(counts.sum()))
-        if self.direction == "random":
-            directions = rng.integers(0, 2, size=len(order))
-        else:
-            directions = np.full(len(order), DIRECTIONS[self.direction])
-        seeds = rng.integers(0, 2**63, size=len(order))
-        return ShuffleGroup(offsets, counts, order, directions, seeds)
+    def resume(self, epoch: int, done: int, segments: list[Segment]) -> None:
+        """Go on with epoch `epoch` after its first `done` steps, which ran under `segments`
+        (from a checkpoint): under another layout, over what they left (epoch.py)."""
+        last = segments[-1]
+        if last.layout != self.layout:
+            steps = self.batches_per_epoch - last.start
+            left = consumed_after(last, steps, done - last.start)
+            segments = [*segments, Segment(done, self.layout, left)]
+        self.resumed = (epoch, segments)
 
-    def _shard_sequence(self, epoch: int, stream: int) -> Iterator[str]:
-        seed = _seed(self.seed, epoch, self.rank, stream)
-        shards = wds.ResampledShards(
-            self.split.urls, seed=seed, worker_seed=lambda: 0, deterministic=True
-        )
-        for item in shards:
-            yield item["url"]
-
-    def _chunks_from(
-        self, epoch: int, stream: int, first: int, skipped: list[tuple[str, str]]
-    ) -> Iterator[Chunk | None]:
-        """The stream's chunks from chunk number `first`; earlier ones are skipped unread."""
-        return self.split.chunks(
-            self._shard_sequence(epoch, stream), first, self.return_meta, skipped
-        )
+    def segments(self, epoch: int) -> list[Segment]:
+        """The layouts of `epoch` so far, the last one this run's."""
+        if self.resumed is not None and self.resumed[0] == epoch:
+            return self.resumed[1]
+        return [Segment(0, self.layout, ((0, -1),))]
 
     def batches(self, epoch: int, stream: int, start: int) -> Iterator[RawBatch]:
-        """Batches start, start + 1, ... (numbered within the stream) of one stream, endless."""
-        first_window = start * self.batch_size
-        number, group_start_window, first_chunk = 0, 0, 0
-        group = self._group(epoch, stream, number)
-        while group_start_window + len(group.order) <= first_window:  # arithmetic skip
-            group_start_window += len(group.order)
-            first_chunk += self.group_chunks
-            number += 1
-            group = self._group(epoch, stream, number)
+        """Batches start, start + 1, ... of global stream `stream` of a fresh epoch."""
+        return self.stream_batches(epoch, Segment(0, self.layout, ((0, -1),)), stream, start)
+
+    def _windows(self, epoch: int) -> Windows:
+        return Windows(
+            self.split, self.seed, epoch, self.group_chunks, self.seq_len,
+            self.windows_per_chunk, self.direction,
+        )  # fmt: skip
+
+    def stream_batches(
+        self, epoch: int, segment: Segment, stream: int, first: int
+    ) -> Iterator[RawBatch]:
+        """Batches first, first + 1, ... of global stream `stream` in `segment`."""
+        windows, steps = self._windows(epoch), self.batches_per_epoch - segment.start
+        cache: dict[tuple[int, int], tuple[ShuffleGroup, list[Chunk | None], np.ndarray]] = {}
         skipped: list[tuple[str, str]] = []
-        chunks = self._chunks_from(epoch, stream, first_chunk, skipped)
-        position = first_window - group_start_window
-        rows: list[np.ndarray] = []
-        dirs: list[int] = []
-        seeds: list[int] = []
-        meta: list[tuple[str, int]] = []
-        scored: list[bool] = []  # False: a window of a skipped shard's empty slot
         empty = np.zeros((2, self.seq_len), np.uint16)
-        while True:
-            data = [next(chunks) for _ in range(self.group_chunks)]
-            ends = np.cumsum(group.counts)
-            owner = np.repeat(np.arange(self.group_chunks), group.counts)
-            starts = group.offsets[owner] + self.seq_len * (
-                np.arange(len(group.order)) - (ends - group.counts)[owner]
-            )
-            for w in range(position, len(group.order)):
-                window = group.order[w]
-                item = data[owner[window]]
-                s = int(starts[window])
+        for number in itertools.count(first):
+            at = stream_positions(segment.layout, steps, stream, number)
+            rows, dirs, seeds, meta, scored = [], [], [], [], []
+            for window in positions_to_windows(segment.sequence, at, self.batch_size):
+                cycle, group_number, index = windows.locate(window)
+                key = (cycle, group_number)
+                if key not in cache:
+                    cache.clear()  # a run moves forward: one group held at a time
+                    group = windows.group(cycle, group_number)
+                    urls = windows.shard_order(cycle)
+                    first_chunk = group_number * self.group_chunks
+                    chunks = self.split.chunks(urls, first_chunk, self.return_meta, skipped)
+                    data = list(itertools.islice(chunks, len(group.counts)))
+                    ends = np.cumsum(group.counts)
+                    cache[key] = (group, data, ends)
+                group, data, ends = cache[key]
+                w = int(group.order[index])
+                owner = int(np.searchsorted(ends, w, side="right"))
+                s = int(group.offsets[owner]) + self.seq_len * (
+                    w - int(ends[owner] - group.counts[owner])
+                )
+                item = data[owner]
                 rows.append(empty if item is None else item[0][:, s : s + self.seq_len])
                 scored.append(item is not None)
-                dirs.append(int(group.directions[w]))
-                seeds.append(int(group.seeds[w]))
+                dirs.append(int(group.directions[index]))
+                seeds.append(int(group.seeds[index]))
                 if self.return_meta:
                     meta.append(("", -1) if item is None else (item[1][0], item[1][1] + s))
-                if len(rows) == self.batch_size:
-                    yield self._batch(rows, np.array(dirs), seeds, meta, scored, skipped)
-                    rows, dirs, seeds, meta, scored = [], [], [], [], []
-            del data  # before the next group is read: one group's chunks held, not two
-            number += 1
-            position = 0
-            group = self._group(epoch, stream, number)
+            yield self._batch(rows, np.array(dirs), seeds, meta, scored, skipped)
 
     def _batch(
         self,
@@ -190,25 +163,24 @@ class TrainStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[list[RawBatch]]:
-        """Packs of `pack` consecutive batches of this worker's stream, from the trainer's position.
-
-        Global batch g is batch i = g % pack of pack q = g // pack; pack q comes from stream
-        q % workers as its (q // workers)-th pack, and the DataLoader takes packs from its
-        workers in turn. A pass starting at batch k gives worker w packs q0 + w, q0 + w + W, ...
-        (q0 = k // pack), the first of them cut to start at k.
-        """
+        """Packs of this worker's virtual stream, from the trainer's position (see
+        `TrainStream.__iter__`: pack q of the segment comes from virtual stream q % streams)."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch, start = (int(v) for v in self.position)
-        total, size = self.batches_per_epoch, self.pack
-        first_pack = start // size + worker
-        stream = first_pack % workers
-        first = max(start, first_pack * size)  # global number of this worker's first batch
-        local = (first_pack // workers) * size + first % size
-        batches = self.batches(epoch, stream, local)
-        pack_number, g = first_pack, first
-        while g < total:
-            end = min((pack_number + 1) * size, total)
+        segment = self.segments(epoch)[-1]
+        layout, size = segment.layout, self.pack
+        if workers != layout.streams:
+            raise DataError(f"ElasticStream was built for {layout.streams} workers, not {workers}")
+        done, steps = start - segment.start, self.batches_per_epoch - segment.start
+        first_pack = done // size + worker
+        virtual = first_pack % workers
+        g = max(done, first_pack * size)
+        local = (first_pack // workers) * size + g % size
+        batches = self.stream_batches(epoch, segment, self.rank * workers + virtual, local)
+        pack_number = first_pack
+        while g < steps:
+            end = min((pack_number + 1) * size, steps)
             yield [next(batches) for _ in range(end - g)]
             pack_number += workers
             g = pack_number * size
