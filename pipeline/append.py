@@ -7,6 +7,7 @@ records each generation's files so that the next append knows what is new and wh
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from pipeline.records import (
 )
 from pipeline.shard import generation_of, run_jobs
 from pipeline.splits import decide_splits, group_of
+from pipeline.storage import is_url
 
 # the config keys an append must share with the set, and the `shard` options that set them
 SHARED_OPTIONS = {
@@ -247,6 +249,11 @@ def append_shards(
     Same set, index and options -> byte-identical new shards, whatever `jobs` is; a re-run after
     an interruption keeps the shards that were finished. `options` are `plan_append`'s.
     """
+    if out is not None and is_url(os.fspath(out)):
+        raise PipelineError(
+            f"{out}: shard --append writes local folders only; append into a local copy of the "
+            "set and upload it, the manifest last"
+        )
     index_path = Path(index_path)
     out = Path(out) if out is not None else index_path.parent
     if resolve_partition(partition) is not None:

@@ -87,7 +87,7 @@ def _cmd_shard(args: argparse.Namespace) -> None:
     _print_shard_summary(m, out)
 
 
-def _print_shard_summary(m, out: Path) -> None:
+def _print_shard_summary(m, out: Path | str) -> None:
     for split, infos in m.shards.items():
         silent = sum(i.silent_chunks for i in infos)
         print(
@@ -187,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Same inputs and options give byte-identical shards; a re-run resumes.",
     )
     p.add_argument("index", type=Path, metavar="INDEX", help="index.json written by `index`")
-    p.add_argument("--out", type=Path, help="output folder (default: the folder of INDEX)")
+    p.add_argument(
+        "--out",
+        type=str,  # not Path, which turns s3://bucket/x into s3:/bucket/x
+        help="output folder or s3://bucket/prefix (default: the folder of INDEX)",
+    )
     p.add_argument(
         "--chunk-frames",
         type=int,

@@ -185,7 +185,7 @@ def select_files(
 
 def plan_shards(
     index_path: Path,
-    out: Path,
+    out: Path | str,
     chunk_frames: int = 32768,
     shard_bytes: int | str = "256MB",
     seed: int = 0,
@@ -214,7 +214,7 @@ def plan_shards(
     if test is None:
         test = default_test(usable)
     frames = frames_at(index, usable, rate)
-    earlier = out if splits_from is None else Path(splits_from)
+    earlier = out if splits_from is None else splits_from
     kept = recorded_splits(earlier, required=splits_from is not None)
     splits = decide_splits(
         {rel: n // chunk_frames for rel, n in frames.items()}, group_by, seed, val, test, kept
@@ -277,7 +277,7 @@ def finish_plan(
     chosen: Selection,
     files: dict[str, list[PlannedFile]],
     frames: dict[str, int],
-    out: Path,
+    out: Path | str,
     generation: int,
 ) -> ShardPlan:
     """Order and interleave `files` (seeded per split and generation) and cut them into shard

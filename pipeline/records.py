@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_text
+from pipeline.storage import Options, exists, join, manifest_file, read_json
 
 INDEX_FORMAT = "audio-index/1"
 
@@ -18,13 +20,9 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 
 
-def load_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no {what} here; check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: not a valid {what} ({exc}); re-create it") from None
+def load_json(path: Path | str, what: str) -> dict[str, Any]:
+    """The JSON object at a path or `s3://` URL; a clear error when missing or not JSON."""
+    return read_json(os.fspath(path), what)
 
 
 def _from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -310,11 +308,11 @@ class Manifest:
         return cls(**fields_)
 
     @classmethod
-    def load(cls, path: Path) -> Manifest:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "manifest.json"
-        return cls.from_dict(load_json(path, "shard manifest"), path)
+    def load(cls, path: Path | str, storage_options: Options = None) -> Manifest:
+        """The manifest at a path or `s3://` URL: a manifest.json, or the folder or prefix
+        that holds one."""
+        location = manifest_file(os.fspath(path))
+        return cls.from_dict(read_json(location, "shard manifest", storage_options), location)
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, dumps(self.to_dict()))
@@ -326,28 +324,30 @@ def recorded_splits(path: Path | str, *, required: bool = True) -> dict[str, str
 
     Without `required`, a folder that holds no shard set records none.
     """
-    path = Path(path)
-    if path.is_dir():
-        manifest = path / "manifest.json"
-        path = manifest if manifest.exists() else path / CONFIG_STAMP
-    if not required and not path.exists():
+    location = os.fspath(path)
+    if manifest_file(location) != location:  # a folder or prefix: its manifest, else its stamp
+        manifest = manifest_file(location)
+        location = manifest if exists(manifest) else join(location, CONFIG_STAMP)
+    if not required and not exists(location):
         return {}
-    data = load_json(path, "shard manifest or config stamp")
+    data = load_json(location, "shard manifest or config stamp")
     config = data.get("config", data)
     if "index_sha256" not in config:
-        raise PipelineError(f"{path}: not a shard manifest or config stamp; pass a manifest.json")
+        raise PipelineError(
+            f"{location}: not a shard manifest or config stamp; pass a manifest.json"
+        )
     forced = config.get("forced_splits", {})
     for group, split in forced.items():
         if split not in SPLITS:
-            raise PipelineError(f"{path}: {group!r} is forced into {split!r}, not a split")
+            raise PipelineError(f"{location}: {group!r} is forced into {split!r}, not a split")
     return forced
 
 
-def refuse_appended(out: Path, what: str) -> None:
+def refuse_appended(out: Path | str, what: str) -> None:
     """A set grown by `shard --append` is written further only by `--append`: rewriting its
     manifest from its first generation's plan (`what`) would drop the later generations."""
-    manifest = out / "manifest.json"
-    if manifest.exists() and len(Manifest.load(manifest).generations) > 1:
+    manifest = join(os.fspath(out), "manifest.json")
+    if exists(manifest) and len(Manifest.load(manifest).generations) > 1:
         raise PipelineError(
             f"{out}: holds a shard set grown by `shard --append`; {what} would drop its later "
             "generations: use `shard --append`, or another --out"

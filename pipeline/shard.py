@@ -14,7 +14,6 @@ import numpy as np
 from pipeline.audio import ReaderPool
 from pipeline.codec import int16_to_pcm16
 from pipeline.errors import AudioError, PipelineError
-from pipeline.fsutil import atomic_write_text
 from pipeline.jobarray import resolve_partition
 from pipeline.parallel import parallel_map
 from pipeline.plan import ShardJob, ShardPlan, plan_shards
@@ -28,9 +27,9 @@ from pipeline.records import (
     ShardInfo,
     SourceRecord,
     dumps,
-    load_json,
     refuse_appended,
 )
+from pipeline.storage import Location, open_location
 from pipeline.tario import ShardWriter, npy_bytes
 
 JOURNAL = ".done"  # one small JSON per finished shard, so a re-run resumes where it stopped
@@ -43,7 +42,8 @@ def _write_shard(job: ShardJob) -> ShardInfo:
     errors: dict[str, str] = {}
     silent = failed = 0
     npy_header = npy_bytes(np.zeros((2, job.chunk_frames), np.uint16))[:128]
-    with ShardWriter(Path(job.out) / job.path) as writer:
+    staged = open_location(job.out).staged(job.path)
+    with staged as target, ShardWriter(target) as writer:
         for position, number in job.chunks:
             rel, frames, channels, key = job.files[position]
             if rel in errors:
@@ -68,11 +68,10 @@ def _write_shard(job: ShardJob) -> ShardInfo:
     return ShardInfo(job.path, writer.samples, writer.bytes, writer.sha256, silent, failed, errors)
 
 
-def _stamp_config(out: Path, config: ShardConfig) -> None:
+def _stamp_config(out: Location, config: ShardConfig) -> None:
     """A folder holds one shard set: the same config resumes it, another is refused."""
-    stamp = out / CONFIG_STAMP
-    if stamp.exists():
-        existing = load_json(stamp, "shard config stamp")
+    if out.exists(CONFIG_STAMP):
+        existing = out.read_json(CONFIG_STAMP, "shard config stamp")
         diff = config.differences(existing)
         if diff:
             forced = existing.get("forced_splits")
@@ -83,52 +82,50 @@ def _stamp_config(out: Path, config: ShardConfig) -> None:
                 f"{', '.join(diff)}); pass another --out{keep},{grown} or delete that folder"
             )
         return
-    if out.exists() and any(out.glob("*/*.tar")):
+    if out.glob("*/*.tar"):
         raise PipelineError(
             f"{out}: holds shards of unknown origin (no {CONFIG_STAMP}); pass another --out"
         )
-    atomic_write_text(stamp, dumps(config.to_dict()))
+    out.put_text(CONFIG_STAMP, dumps(config.to_dict()))
 
 
-def _journal(out: Path, job: ShardJob) -> Path:
-    return out / JOURNAL / (job.path.replace("/", "_") + ".json")
+def _journal(job: ShardJob) -> str:
+    return f"{JOURNAL}/{job.path.replace('/', '_')}.json"
 
 
-def _finished(out: Path, job: ShardJob) -> ShardInfo | None:
+def _finished(out: Location, job: ShardJob) -> ShardInfo | None:
     """The info of a shard a previous run completed, when its tar is still what it wrote."""
-    journal = _journal(out, job)
-    if not journal.exists():
+    if not out.exists(_journal(job)):
         return None
-    info = ShardInfo(**load_json(journal, "shard journal"))
-    shard = out / job.path
-    if shard.exists() and shard.stat().st_size == info.bytes:
-        return info
-    return None
+    info = ShardInfo(**out.read_json(_journal(job), "shard journal"))
+    return info if out.size(job.path) == info.bytes else None
 
 
-def _remove_partial_shards(out: Path, jobs: list[ShardJob]) -> None:
-    """Delete the temporary files (`fsutil.atomic_path`: `.NAME.XXXX.tmp`) of these jobs' shards,
-    and only theirs: other partitions of the set may be writing into the same folder."""
+def _remove_partial_shards(out: Location, jobs: list[ShardJob]) -> None:
+    """Delete what a killed write of these jobs' shards left (temporary files, unfinished
+    uploads), and only theirs: other partitions of the set may be writing there too."""
     for job in jobs:
-        shard = out / job.path
-        for tmp in shard.parent.glob(f".{shard.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+        out.remove_partial(job.path)
 
 
 def _run_job(job: ShardJob) -> ShardInfo:
-    out = Path(job.out)
+    out = open_location(job.out)
     done = _finished(out, job)
     if done is not None:
         return done
     info = _write_shard(job)
-    atomic_write_text(_journal(out, job), dumps(vars(info)))
+    out.put_text(_journal(job), dumps(vars(info)))  # after the shard: it is complete
     return info
 
 
-def run_jobs(out: Path, todo: list[ShardJob], jobs: int | None, progress: bool) -> list[ShardInfo]:
-    """Write the shards of `todo` (those a previous run finished are kept), in parallel."""
+def run_jobs(
+    out: Path | str, todo: list[ShardJob], jobs: int | None, progress: bool
+) -> list[ShardInfo]:
+    """Write the shards of `todo` into the folder or prefix `out` (those a previous run
+    finished are kept), in parallel."""
     workers = jobs or os.cpu_count() or 1
-    _remove_partial_shards(out, todo)  # what a killed run of these jobs was writing
+    location = open_location(out)
+    _remove_partial_shards(location, todo)  # what a killed run of these jobs was writing
     try:
         return list(
             parallel_map(
@@ -145,7 +142,7 @@ def run_jobs(out: Path, todo: list[ShardJob], jobs: int | None, progress: bool) 
     except BaseException:
         # the workers are gone now; one interrupted between creating its temporary file and
         # guarding it would have left it
-        _remove_partial_shards(out, todo)
+        _remove_partial_shards(location, todo)
         raise
 
 
@@ -176,13 +173,13 @@ def write_shards(
     `plan_shards` (chunk_frames, shard_bytes, seed, val, test, channels, sample_rate, ...).
     """
     index_path = Path(index_path)
-    out = Path(out) if out is not None else index_path.parent
+    out = open_location(out if out is not None else index_path.parent)
     part = resolve_partition(partition)  # a job array's task when not given
-    refuse_appended(out, "a plain `shard` into it")
-    plan = plan_shards(index_path, out, **options)
+    refuse_appended(out.base, "a plain `shard` into it")
+    plan = plan_shards(index_path, out.base, **options)
     _stamp_config(out, plan.config)
     todo = [j for n, j in enumerate(plan.jobs) if part is None or n % part[1] == part[0]]
-    infos = run_jobs(out, todo, jobs, progress)
+    infos = run_jobs(out.base, todo, jobs, progress)
     shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
     rejected = dict(plan.rejected)
     for job, info in zip(todo, infos, strict=True):
@@ -203,5 +200,5 @@ def write_shards(
         generations=[generation_of(plan, shards)],
     )
     name = "manifest.json" if part is None else f"manifest.part-{part[0]}-of-{part[1]}.json"
-    manifest.save(out / name)
+    out.put_text(name, dumps(manifest.to_dict()))  # last: the set is whole once it is there
     return manifest

@@ -342,3 +342,8 @@ def test_a_new_copy_of_a_sharded_file_is_a_duplicate_not_new(tmp_path):
     before = _digests(g.out)
     assert append_shards(g.index, g.out, jobs=1, **QUIET) is None
     assert _digests(g.out) == before
+
+
+def test_an_append_to_object_storage_is_refused_in_one_line(tree):
+    with pytest.raises(PipelineError, match="s3://b/set: shard --append writes local folders only"):
+        append_shards(tree.index, "s3://b/set")

@@ -23,11 +23,15 @@ pytest.importorskip("moto.server", reason="moto[server] is not installed")
 import contextlib
 
 import s3fs
+from conftest import SHARD_OPTIONS
 from test_data import _module, _same, _take
 
+import pipeline.shard as shard_mod
 from pipeline import storage
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.records import Manifest
+from pipeline.shard import write_shards
 from pipeline.tario import ShardWriter
 from pipeline.verify import verify
 from trainer.data.shards import ReadPolicy, ShardSplit
@@ -300,3 +304,29 @@ def test_a_killed_multipart_upload_leaves_no_object(tmp_path, s3_endpoint):
     out.remove_partial("big.tar")
     pending = fs.call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix="killed/")
     assert pending.get("Uploads", []) == []
+
+
+def test_shard_to_s3_writes_the_local_bytes_and_resumes(tree, shard_dir, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    out, fs = f"s3://{BUCKET}/written", _fs(s3_endpoint)
+    flags = ["--chunk-frames", str(SHARD_OPTIONS["chunk_frames"]), "--val", "0.3"]
+    flags += ["--shard-bytes", "60000", "--seed", "0", "--interleave", "4", "--quiet"]
+    assert main(["shard", str(tree.index), "--out", out, "--jobs", "2", *flags]) == 0
+    files = sorted(p.relative_to(shard_dir).as_posix() for p in shard_dir.rglob("*") if p.is_file())
+    keys = sorted(k.removeprefix(f"{BUCKET}/written/") for k in fs.find(f"{BUCKET}/written"))
+    assert keys == files  # shards, journal, config stamp, manifest; nothing else
+    assert all(fs.cat_file(f"{BUCKET}/written/{f}") == (shard_dir / f).read_bytes() for f in files)
+    lost = Manifest.load(shard_dir).shards["train"][0].path
+    fs.rm([f"{BUCKET}/written/{lost}", f"{BUCKET}/written/manifest.json"])
+    written: list[str] = []
+    real_write = shard_mod._write_shard
+    monkeypatch.setattr(
+        shard_mod, "_write_shard", lambda job: written.append(job.path) or real_write(job)
+    )
+    write_shards(tree.index, out, jobs=1, progress=False, **SHARD_OPTIONS)
+    assert written == [lost]  # the re-run resumes: only the lost shard is written again
+    manifest = fs.cat_file(f"{BUCKET}/written/manifest.json")
+    assert manifest == (shard_dir / "manifest.json").read_bytes()
+    assert verify(out, progress=False) == []
+    with pytest.raises(PipelineError, match=f"{out}: holds a shard set made with another config"):
+        write_shards(tree.index, out, progress=False, **{**SHARD_OPTIONS, "seed": 1})
