@@ -89,3 +89,7 @@ bench-speed *ARGS:
 # loader memory over many epochs: PSS of the main process and each worker (bench/soak_bench.py)
 bench-soak *ARGS:
     {{python}} bench/soak_bench.py {{ARGS}}
+
+# tokens/s, MFU, data wait and the float64 solve's share per head on a GPU (a CPU smoke without one)
+bench-gpu *ARGS:
+    {{python}} bench/gpu_bench.py {{ARGS}}
