@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_text, file_sha256
 from pipeline.jobarray import resolve_partition
 from pipeline.plan import (
+    ShardOptions,
     ShardPlan,
     finish_plan,
     frames_at,
@@ -138,36 +139,27 @@ def plan_append(
     out: Path,
     *,
     prune: bool = False,
-    chunk_frames: int = 32768,
-    shard_bytes: int | str = "256MB",
-    seed: int = 0,
-    val: float = 0.1,
-    test: float | None = None,
-    channels: str = "stereo",
-    sample_rate: str | int | None = None,
-    silence_db: float = -90.0,
-    include: list[str] | None = None,
-    group_by: str = "parent",
-    interleave: int = 16,
+    **options,
 ) -> AppendPlan | None:
     """The next generation of the set in `out`: the usable files of the index that no earlier
     generation holds, split as the set splits (earlier groups stay where they are); None when
     there is nothing new and nothing to prune."""
+    o = ShardOptions(**options)  # a wrong name is a TypeError naming it
     earlier = _earlier_set(out)
     config = earlier.config
-    rate = None if sample_rate in (None, "native", "auto") else int(sample_rate)
+    rate = None if o.sample_rate in (None, "native", "auto") else int(o.sample_rate)
     given = dict(
-        chunk_frames=chunk_frames,
+        chunk_frames=o.chunk_frames,
         sample_rate=rate,
-        channels=str(ChannelPolicy.parse(channels)),
-        seed=seed,
-        val=val,
-        test=test,
-        group_by=group_by,
-        silence_db=silence_db,
-        include=list(include or []),
-        shard_bytes=parse_bytes(shard_bytes),
-        window=interleave,
+        channels=str(ChannelPolicy.parse(o.channels)),
+        seed=o.seed,
+        val=o.val,
+        test=o.test,
+        group_by=o.group_by,
+        silence_db=o.silence_db,
+        include=list(o.include or []),
+        shard_bytes=parse_bytes(o.shard_bytes),
+        window=o.interleave,
     )
     _check_options(out, config, given)
     recorded: dict[str, SourceRecord] = {}

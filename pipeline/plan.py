@@ -183,62 +183,75 @@ def select_files(
     return Selection(index, policy, usable, rejected, duplicates)
 
 
+@dataclass(frozen=True)
+class ShardOptions:
+    """The `shard` options that shape a set's bytes, with their defaults (`plan_shards` and
+    `pipeline/append.py:plan_append` take the same ones)."""
+
+    chunk_frames: int = 32768
+    shard_bytes: int | str = "256MB"
+    seed: int = 0
+    val: float = 0.1
+    test: float | None = None
+    channels: str = "stereo"
+    sample_rate: str | int | None = None
+    silence_db: float = -90.0
+    include: list[str] | None = None
+    group_by: str = "parent"
+    interleave: int = 16
+
+
 def plan_shards(
     index_path: Path,
     out: Path | str,
-    chunk_frames: int = 32768,
-    shard_bytes: int | str = "256MB",
-    seed: int = 0,
-    val: float = 0.1,
-    test: float | None = None,
-    channels: str = "stereo",
-    sample_rate: str | int | None = None,
-    silence_db: float = -90.0,
-    include: list[str] | None = None,
-    group_by: str = "parent",
-    interleave: int = 16,
     splits_from: Path | str | None = None,
+    **options,
 ) -> ShardPlan:
     """Check the inputs and decide every chunk's place from the index alone.
 
     `splits_from` (a manifest, or its folder) names the earlier set whose forced splits are kept;
     by default the set already in `out`, if any, so that a re-run plans what that run planned.
     """
-    if chunk_frames <= 0:
-        raise PipelineError(f"--chunk-frames {chunk_frames}: must be a positive number of frames")
-    if not (0 <= val < 1 and (test is None or 0 <= test < 1) and val + (test or 0) < 1):
-        raise PipelineError(f"--val {val} --test {test}: fractions in [0, 1) summing below 1")
-    chosen = select_files(index_path, include, channels)
+    o = ShardOptions(**options)  # a wrong name is a TypeError naming it
+    if o.chunk_frames <= 0:
+        raise PipelineError(f"--chunk-frames {o.chunk_frames}: must be a positive number of frames")
+    if not (0 <= o.val < 1 and (o.test is None or 0 <= o.test < 1) and o.val + (o.test or 0) < 1):
+        raise PipelineError(f"--val {o.val} --test {o.test}: fractions in [0, 1) summing below 1")
+    chosen = select_files(index_path, o.include, o.channels)
     index, usable = chosen.index, chosen.usable
-    rate = choose_sample_rate(index, usable, sample_rate)
-    if test is None:
-        test = default_test(usable)
+    rate = choose_sample_rate(index, usable, o.sample_rate)
+    test = default_test(usable) if o.test is None else o.test
     frames = frames_at(index, usable, rate)
     earlier = out if splits_from is None else splits_from
     kept = recorded_splits(earlier, required=splits_from is not None)
     splits = decide_splits(
-        {rel: n // chunk_frames for rel, n in frames.items()}, group_by, seed, val, test, kept
+        {rel: n // o.chunk_frames for rel, n in frames.items()},
+        o.group_by,
+        o.seed,
+        o.val,
+        test,
+        kept,
     )
     config = ShardConfig(
         index_sha256=file_sha256(index_path),
-        chunk_frames=chunk_frames,
+        chunk_frames=o.chunk_frames,
         sample_rate=rate,
         channels=str(chosen.policy),
-        seed=seed,
-        val=val,
+        seed=o.seed,
+        val=o.val,
         test=test,
-        group_by=group_by,
-        silence_db=silence_db,
-        include=list(include or []),
-        shard_bytes=parse_bytes(shard_bytes),
-        window=interleave,  # the stored key keeps its name: old shard sets still load
+        group_by=o.group_by,
+        silence_db=o.silence_db,
+        include=list(o.include or []),
+        shard_bytes=parse_bytes(o.shard_bytes),
+        window=o.interleave,  # the stored key keeps its name: old shard sets still load
         forced_splits=splits.forced,
     )
     files = source_files(index, usable, {rel: splits.of[rel][0] for rel in usable}, frames, config)
     if not any(f.chunks for f in files["train"]):
         raise PipelineError(
             f"{index_path}: the train split is empty (no file holds a whole chunk of "
-            f"{chunk_frames} frames); lower --chunk-frames or add audio"
+            f"{o.chunk_frames} frames); lower --chunk-frames or add audio"
         )
     for split in ("val", "test"):
         if not any(f.chunks for f in files[split]):

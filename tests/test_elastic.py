@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_data import _module
+from test_fit_faults import WITH_RECORDER
 from test_train_loop import _free_port
 
 from pipeline.errors import UserError
@@ -95,7 +96,8 @@ def test_a_resume_under_another_global_batch_is_refused(shard_dir):
 
 
 # Runs `python -m trainer fit` recording each rank's training windows in RECORD.<rank>.
-_SCRIPT = """
+_SCRIPT = (
+    """
 import json, sys
 import pytorch_lightning as pl
 import trainer.cli as cli
@@ -109,14 +111,12 @@ class Recorder(pl.Callback):
         with open(f"{record}.{trainer.global_rank}", "a") as f:
             f.write(json.dumps(rows) + "\\n")
 
-defaults = cli.trainer_defaults
-def with_recorder():
-    options = defaults()
-    options["callbacks"].append(Recorder())
-    return options
-cli.trainer_defaults = with_recorder
+"""
+    + WITH_RECORDER
+    + """
 cli.main(sys.argv[2:])
 """
+)
 
 
 def _fit(shard_dir, root: Path, record: Path, devices: int, steps: int, *extra: str) -> None:

@@ -15,9 +15,20 @@ import torch
 from test_cli_train import REPO, _args
 from test_io_faults import _file_size_limit
 
+# The lines of a script that add its `Recorder` callback to the `python -m trainer` run in it.
+WITH_RECORDER = """
+defaults = cli.trainer_defaults
+def with_recorder():
+    options = defaults()
+    options["callbacks"].append(Recorder())
+    return options
+cli.trainer_defaults = with_recorder
+"""
+
 # Runs `python -m trainer fit` with a callback that appends each step's batch digest to
 # RECORD; with KILL_AT_SAVE=N the N-th checkpoint file written stops half-way with SIGKILL.
-_SCRIPT = """
+_SCRIPT = (
+    """
 import hashlib, io, json, os, signal, sys
 import pytorch_lightning as pl
 import torch
@@ -31,12 +42,9 @@ class Recorder(pl.Callback):
         with open(record, "a") as f:
             f.write(json.dumps([trainer.global_step, digest]) + "\\n")
 
-defaults = cli.trainer_defaults
-def with_recorder():
-    options = defaults()
-    options["callbacks"].append(Recorder())
-    return options
-cli.trainer_defaults = with_recorder
+"""
+    + WITH_RECORDER
+    + """
 
 class DyingFile(io.FileIO):  # the N-th checkpoint file written stops half-way: SIGKILL
     def write(self, data):
@@ -53,6 +61,7 @@ cli.open = checkpoint_open  # trainer.cli's own `open`: SafeCheckpointIO's write
 
 cli.main(sys.argv[2:])
 """
+)
 
 
 def _fit(shard_dir: Path, root: Path, record: Path, kill_at: int = 0, *extra: str) -> int:
