@@ -261,3 +261,24 @@ def test_peaks_are_matched_by_whole_words_of_the_device_name(monkeypatch):
     ]:  # fmt: skip
         assert device_peak_flops(cuda) == peak, NAME
     assert device_peak_flops(torch.device("cpu")) is None
+
+
+def test_a_compiled_body_gives_eager_loss_and_gradients(monkeypatch):
+    """`compile: true` compiles the body's forward (`StereoT5.hidden`), the heads stay eager.
+    The graph is captured and differentiated as on a GPU (dynamo, AOTAutograd); the `aot_eager`
+    backend runs it without inductor's C++ build (a minute per shape on 2 cores, timed in
+    bench/gpu_bench.py's compile row)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: compile_(fn, backend="aot_eager"))
+    eager, compiled = build("logistic", lr=1e-2), build("logistic", lr=1e-2, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.configure_model()
+    assert compiled._hidden_fn is not compiled.hidden  # the body is compiled, the head is not
+    batch = make_batch(eager.levels, length=48)
+    fit_one_batch(eager, batch, 3)
+    fit_one_batch(compiled, batch, 3)
+    loss_e, grads_e = step_gradients(eager, batch, bf16=False)
+    loss_c, grads_c = step_gradients(compiled, batch, bf16=False)
+    assert abs(float(loss_c - loss_e)) <= 1e-5 * abs(float(loss_e))
+    for key, grad in grads_e.items():
+        assert torch.allclose(grads_c[key], grad, rtol=1e-4, atol=1e-6), key
