@@ -103,3 +103,17 @@ def _run_task(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         os._exit(_INTERRUPTED)
     finally:
         _busy = False
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """In a worker that some other library started (a DataLoader's): exit once the process that
+    started it is gone, SIGKILL included. A worker blocked writing to its parent's full queue
+    never reaches its own liveness check, so a daemon thread checks the parent's pid."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(_INTERRUPTED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

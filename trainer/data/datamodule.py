@@ -16,6 +16,7 @@ from pipeline import storage
 from pipeline.codec import get_codec
 from pipeline.errors import UserError
 from pipeline.records import Manifest
+from pipeline.workerpool import exit_with_parent
 from trainer.data.augment import Augment
 from trainer.data.batch import Batch, DataError, RawBatch, parse_direction, tokenize
 from trainer.data.epoch import Segment
@@ -29,6 +30,11 @@ __all__ = ["ShardDataModule", "ShardLoader"]
 
 def _keep(raw: RawBatch | list[RawBatch]) -> RawBatch | list[RawBatch]:
     return raw
+
+
+def _worker_start(worker_id: int) -> None:
+    """A loader worker exits when the trainer is killed (`pipeline.workerpool`)."""
+    exit_with_parent()
 
 
 _WORKER = "in DataLoader worker process"
@@ -63,6 +69,7 @@ class ShardLoader(DataLoader):
         pin_memory: bool = False,
         **kw,
     ) -> None:
+        kw.setdefault("worker_init_fn", _worker_start)
         super().__init__(dataset, batch_size=None, collate_fn=_keep, **kw)
         self.codec, self._where, self._pin = get_codec(codec), where, pin_memory
         self.skipped: dict[str, str] = {}  # shard url -> why, each reported once
