@@ -5,7 +5,8 @@ lives in the module of its job (see docs/data.md):
 
 - batch: the batch format (`Batch`, `IGNORE`, directions) and `DataError`;
 - shards: reading chunks out of tar shards; windows: the one covering rule;
-- train_stream, eval_stream: the two streams; datamodule: `ShardDataModule` and its loader;
+- epoch: the elastic train epoch as arithmetic; train_stream, eval_stream: the two streams;
+- datamodule: `ShardDataModule` and its loader;
 - tasks, augment, draws: what a window becomes, and the seeded draws behind it;
 - seed_style: the original trainer's random-access dataset and DataModule;
 - hf: a split as a Hugging Face datasets dataset (the hf extra).
