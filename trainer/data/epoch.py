@@ -32,7 +32,7 @@ __all__ = [
     "consumed_after",
     "positions_to_windows",
     "shuffle_group",
-    "stream_positions",
+    "stream_position",
 ]
 
 SHIFTED_CHUNKS = 0.25  # train chunks whose windows start anywhere in [0, L), see shuffle_group
@@ -135,7 +135,7 @@ def _stream_batches(layout: Layout, steps: int, stream: int) -> int:
     return whole * layout.pack + (rest if packs % layout.streams == stream else 0)
 
 
-def stream_positions(layout: Layout, steps: int, stream: int, batch: int) -> int:
+def stream_position(layout: Layout, steps: int, stream: int, batch: int) -> int:
     """Where batch `batch` of global stream `stream` (rank * streams + virtual stream) starts in
     the segment's sequence, for a segment of `steps` global steps."""
     per_round = layout.run_batches * layout.streams  # steps of one round (whole packs)
@@ -160,7 +160,7 @@ def consumed_after(segment: Segment, steps: int, done: int) -> tuple[tuple[int, 
     for stream in range(layout.total_streams):
         count = _stream_batches(layout, done, stream % layout.streams)
         for batch in range(count):
-            at = stream_positions(layout, steps, stream, batch)
+            at = stream_position(layout, steps, stream, batch)
             if taken and taken[-1][1] == at:
                 taken[-1] = (taken[-1][0], at + layout.batch)
             else:
@@ -223,7 +223,7 @@ class Windows:
         self.split, self.seed, self.epoch = split, seed, epoch
         self.group_chunks, self.length = group_chunks, length
         self.windows_per_chunk, self.direction = windows_per_chunk, direction
-        self._cycles: dict[int, tuple[list[str], np.ndarray]] = {}
+        self._ends: dict[int, np.ndarray] = {}  # cycle -> cumulative windows of its groups
 
     @cached_property
     def chunks_per_cycle(self) -> int:
@@ -250,13 +250,10 @@ class Windows:
 
     def _group_ends(self, cycle: int) -> np.ndarray:
         """Cumulative windows at the end of each group of a cycle."""
-        if cycle not in self._cycles:
+        if cycle not in self._ends:
             sizes = [len(self.group(cycle, g).order) for g in range(self.groups_per_cycle)]
-            self._cycles[cycle] = (self.shard_order(cycle), np.cumsum(sizes))
-        return self._cycles[cycle][1]
-
-    def per_cycle(self) -> int:
-        return int(self._group_ends(0)[-1]) if self.chunks_per_cycle else 0
+            self._ends[cycle] = np.cumsum(sizes)
+        return self._ends[cycle]
 
     def locate(self, window: int) -> tuple[int, int, int]:
         """(cycle, group, index in the group's permuted order) of window `window` of V. Cycles

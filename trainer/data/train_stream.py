@@ -28,7 +28,7 @@ from trainer.data.epoch import (
     Windows,
     consumed_after,
     positions_to_windows,
-    stream_positions,
+    stream_position,
 )
 from trainer.data.shards import Chunk, ShardSplit
 from trainer.data.tasks import Task
@@ -114,7 +114,7 @@ class TrainStream(IterableDataset):
         skipped: list[tuple[str, str]] = []
         empty = np.zeros((2, self.seq_len), np.uint16)
         for number in itertools.count(first):
-            at = stream_positions(segment.layout, steps, stream, number)
+            at = stream_position(segment.layout, steps, stream, number)
             rows, dirs, seeds, meta, scored = [], [], [], [], []
             for window in positions_to_windows(segment.sequence, at, self.batch_size):
                 cycle, group_number, index = windows.locate(window)
