@@ -124,3 +124,12 @@ def test_parser_errors_are_one_line_and_exit_2(shard_dir, tmp_path, capsys, extr
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and says in err, err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_last_checkpoint_is_written_at_every_validation_not_only_at_a_new_best(shard_dir, tmp_path):
+    # lr 0: every validation scores the same, so only the first one is a new best
+    main(_args(shard_dir, tmp_path, "--trainer.max_steps", "6", "--trainer.val_check_interval",
+               "2", "--model.lr", "0", "--trainer.logger", "false"))  # fmt: skip
+    folder = tmp_path / "checkpoints"
+    assert [p.name.split("-bps")[0] for p in folder.glob("best-*")] == ["best-step2"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6

@@ -26,7 +26,7 @@ cli.trainer_defaults = with_recorder
 """
 
 # Runs `python -m trainer fit` with a callback that appends each step's batch digest to
-# RECORD; with KILL_AT_SAVE=N the N-th checkpoint file written stops half-way with SIGKILL.
+# RECORD; with KILL_AT_SAVE=N the N-th last.ckpt written stops half-way with SIGKILL.
 _SCRIPT = (
     """
 import hashlib, io, json, os, signal, sys
@@ -55,8 +55,9 @@ class DyingFile(io.FileIO):  # the N-th checkpoint file written stops half-way: 
 
 saves = [0]
 def checkpoint_open(path, mode="r", *args, **kw):
-    saves[0] += 1
-    return DyingFile(path, "wb") if saves[0] == kill_at else open(path, mode, *args, **kw)
+    last = ".last.ckpt." in str(path)  # the temporary file of a last.ckpt
+    saves[0] += last
+    return DyingFile(path, "wb") if last and saves[0] == kill_at else open(path, mode, *args, **kw)
 cli.open = checkpoint_open  # trainer.cli's own `open`: SafeCheckpointIO's writes
 
 cli.main(sys.argv[2:])
@@ -104,9 +105,9 @@ def test_kill_during_a_checkpoint_write_then_resume_sees_the_uninterrupted_batch
     whole = tmp_path / "whole.jsonl"
     assert _fit(shard_dir, tmp_path / "whole", whole) == 0
     cut, root = tmp_path / "cut.jsonl", tmp_path / "cut"
-    # saves 1-2: best and last at step 2; save 4 is last.ckpt at step 4, killed half-way;
+    # last.ckpt is written at every validation: at step 2, then at step 4, killed half-way;
     # the resumed run goes from step 2 over the epoch's end at step 4 on to step 6
-    assert _fit(shard_dir, root, cut, kill_at=4) == -signal.SIGKILL
+    assert _fit(shard_dir, root, cut, kill_at=2) == -signal.SIGKILL
     folder = root / "checkpoints"
     partial = list(folder.glob(".last.ckpt.*.tmp"))
     assert len(partial) == 1  # the write that was killed, beside its target

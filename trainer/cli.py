@@ -40,7 +40,15 @@ def wandb_mode_default() -> None:
 
 class RunCheckpoint(ModelCheckpoint):
     """Checkpoints in `<default_root_dir>/checkpoints`, not in a logger's version folder, so
-    `--ckpt_path last` finds the last one whichever logger versions the run."""
+    `--ckpt_path last` finds the last one whichever logger versions the run; and `last.ckpt`
+    at every validation (Lightning writes it only with a new best, so a killed run would go
+    back to its best step, not to its last validation)."""
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        written = self._last_global_step_saved == trainer.global_step
+        if self.save_last and not written and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def place(self, trainer: pl.Trainer) -> None:
         if self.dirpath is None:
