@@ -118,6 +118,11 @@ class Segment:
     layout: Layout
     sequence: tuple[tuple[int, int], ...]
 
+    @classmethod
+    def fresh(cls, layout: Layout) -> Segment:
+        """A whole epoch from step 0 under `layout`."""
+        return cls(0, layout, ((0, -1),))
+
     def to_dict(self) -> dict:
         return {"start": self.start, "layout": vars(self.layout), "sequence": self.sequence}
 

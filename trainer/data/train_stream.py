@@ -93,11 +93,11 @@ class TrainStream(IterableDataset):
         """The layouts of `epoch` so far, the last one this run's."""
         if self.resumed is not None and self.resumed[0] == epoch:
             return self.resumed[1]
-        return [Segment(0, self.layout, ((0, -1),))]
+        return [Segment.fresh(self.layout)]
 
     def batches(self, epoch: int, stream: int, start: int) -> Iterator[RawBatch]:
         """Batches start, start + 1, ... of global stream `stream` of a fresh epoch."""
-        return self.stream_batches(epoch, Segment(0, self.layout, ((0, -1),)), stream, start)
+        return self.stream_batches(epoch, Segment.fresh(self.layout), stream, start)
 
     def _windows(self, epoch: int) -> Windows:
         return Windows(
@@ -163,15 +163,17 @@ class TrainStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[list[RawBatch]]:
-        """Packs of this worker's virtual stream, from the trainer's position (see
-        `TrainStream.__iter__`: pack q of the segment comes from virtual stream q % streams)."""
+        """Packs of this worker's virtual stream, from the trainer's position: pack q of the
+        segment comes from virtual stream q % streams, as the DataLoader takes packs from its
+        workers in turn; a pass starting at step k gives worker w packs q0 + w, q0 + w + W, ...
+        (q0 = k // pack), the first of them cut to start at k."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch, start = (int(v) for v in self.position)
         segment = self.segments(epoch)[-1]
         layout, size = segment.layout, self.pack
         if workers != layout.streams:
-            raise DataError(f"ElasticStream was built for {layout.streams} workers, not {workers}")
+            raise DataError(f"TrainStream was built for {layout.streams} workers, not {workers}")
         done, steps = start - segment.start, self.batches_per_epoch - segment.start
         first_pack = done // size + worker
         virtual = first_pack % workers
