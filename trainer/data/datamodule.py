@@ -48,10 +48,8 @@ def worker_message(error: UserError) -> UserError:
     if not text.startswith("Caught ") or _WORKER not in text.split("\n", 1)[0]:
         return error
     last = text.rstrip().rsplit("\n", 1)[-1]
-    name = type(error).__name__
-    prefix = last.split(": ", 1)[0]
-    message = last.split(": ", 1)[1] if prefix.rsplit(".", 1)[-1] == name else last
-    return type(error)(message)
+    prefix, _, message = last.partition(": ")
+    return type(error)(message if prefix.rsplit(".", 1)[-1] == type(error).__name__ else last)
 
 
 class ShardLoader(DataLoader):
