@@ -208,6 +208,8 @@ def main(args: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
     # `python -m trainer fit ...` hands its own argv on as `args`, which LightningCLI warns of
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # StereoT5 checks tokens in its own on_before_batch_transfer, on purpose (no host sync)
+    warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer`")
     code = run_cli(lambda: _run(args))
     if code:
         raise SystemExit(code)
