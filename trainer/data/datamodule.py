@@ -1,4 +1,5 @@
-"""The Lightning DataModule over a shard set, and the loader that tokenizes what workers send.
+"""The Lightning DataModule over a shard set (or several mixed by weight), and the loader that
+tokenizes what workers send.
 
 See docs/data.md for the streams and docs/training.md for the options.
 """
@@ -6,21 +7,21 @@ See docs/data.md for the streams and docs/training.md for the options.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline import storage
 from pipeline.codec import get_codec
 from pipeline.errors import UserError
-from pipeline.records import Manifest
 from pipeline.workerpool import exit_with_parent
 from trainer.data.augment import Augment
 from trainer.data.batch import Batch, DataError, RawBatch, parse_direction, tokenize
 from trainer.data.epoch import Segment
 from trainer.data.eval_stream import EvalStream
+from trainer.data.mixing import ShardSet, load_sets
 from trainer.data.shards import ReadPolicy, ShardSplit, shard_url
 from trainer.data.tasks import Task
 from trainer.data.train_stream import TrainStream
@@ -52,11 +53,18 @@ def worker_message(error: UserError) -> UserError:
     return type(error)(message if prefix.rsplit(".", 1)[-1] == type(error).__name__ else last)
 
 
+def _mixture(sets: Sequence[tuple[str, float]]) -> str:
+    """`path xweight, ...` of a loader's recorded sets ("one set" for a checkpoint without)."""
+    return ", ".join(f"{path} x{weight:g}" for path, weight in sets) or "one set"
+
+
 class ShardLoader(DataLoader):
     """A DataLoader over a shard stream that applies the codec to what the workers send.
 
     For the train stream, `where` tells it before every pass which epoch it is and which batch
-    of the epoch comes next (the trainer's progress), so a resumed run continues exactly.
+    of the epoch comes next (the trainer's progress), so a resumed run continues exactly;
+    `sets` (manifest, weight) are the shard sets it mixes, kept in its state. `name` is an eval
+    loader's shard set, for its metrics (trainer/model/eval_sums.py).
     """
 
     def __init__(
@@ -65,11 +73,14 @@ class ShardLoader(DataLoader):
         codec: str,
         where: Callable[[], tuple[int, int]] | None = None,
         pin_memory: bool = False,
+        sets: Sequence[tuple[str, float]] = (),
+        name: str = "",
         **kw,
     ) -> None:
         kw.setdefault("worker_init_fn", _worker_start)
         super().__init__(dataset, batch_size=None, collate_fn=_keep, **kw)
         self.codec, self._where, self._pin = get_codec(codec), where, pin_memory
+        self.sets, self.name = [(str(p), float(w)) for p, w in sets], name
         self.skipped: dict[str, str] = {}  # shard url -> why, each reported once
 
     def state_dict(self) -> dict:
@@ -85,12 +96,15 @@ class ShardLoader(DataLoader):
             "global_batch": stream.layout.batch * stream.layout.ranks,
             "steps": stream.batches_per_epoch,
             "segments": [segment.to_dict() for segment in stream.segments(epoch)],
+            "sets": [list(entry) for entry in self.sets],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """The epoch's layouts from a checkpoint; its global batch must be this run's."""
+        """The epoch's layouts from a checkpoint; its mixture of sets, global batch and epoch
+        length must be this run's."""
         if self._where is None or "segments" not in state:
             return
+        self._check_sets([(str(p), float(w)) for p, w in state.get("sets", [])])
         stream = self.dataset
         batch = stream.layout.batch * stream.layout.ranks
         if state["global_batch"] != batch:
@@ -108,6 +122,15 @@ class ShardLoader(DataLoader):
             )
         epoch, done = (int(v) for v in state["position"])
         stream.resume(epoch, done, [Segment.from_dict(segment) for segment in state["segments"]])
+
+    def _check_sets(self, theirs: list[tuple[str, float]]) -> None:
+        """A mixed epoch is its sets' and weights' own: resume it only with the same mixture
+        (a set alone resumes as before, wherever its manifest now is)."""
+        if (len(theirs) > 1 or len(self.sets) > 1) and theirs != self.sets:
+            raise DataError(
+                f"the checkpoint trained on the shard sets {_mixture(theirs)}, this run mixes "
+                f"{_mixture(self.sets)}; resume with the checkpoint's data.init_args.manifest"
+            )
 
     def __iter__(self) -> Iterator[Batch]:
         if self._where is not None:
@@ -148,10 +171,13 @@ class ShardDataModule(pl.LightningDataModule):
 
     Args:
         manifest: manifest.json of a shard set, or its folder: a path or an `s3://` URL
-            (`s3://bucket/set` or `s3://bucket/set/manifest.json`).
+            (`s3://bucket/set` or `s3://bucket/set/manifest.json`); or a list of sets to mix,
+            `[{path: A, weight: 3}, {path: B, weight: 1}]` (weight > 0, default 1; each may
+            have its own `url_prefix`), sharded alike (trainer/data/mixing.py). Validation and
+            test report each set and all of them pooled.
         url_prefix: where the shards are (default: the manifest's folder); an `s3://` prefix or
             any URL webdataset opens, e.g. `pipe:aws s3 cp s3://bucket/set` (shard paths are
-            appended).
+            appended). One set only: a mixture's sets give theirs in their entries.
         storage_options: fsspec's options for `s3://` manifests and shards (s3fs's, e.g.
             `{"endpoint_url": "http://127.0.0.1:9000"}`; default: the AWS environment
             variables and config files).
@@ -162,8 +188,9 @@ class ShardDataModule(pl.LightningDataModule):
         windows_per_chunk: train windows cut from each chunk (default: all it holds).
         shuffle_buffer: windows permuted together (a shuffle group of chunks).
         batches_per_epoch: train steps per epoch, the same on every rank (default: the train
-            windows of the manifest over the global batch); an epoch is that many global
-            batches of one order of windows, whatever the ranks and workers.
+            windows of the manifest, of all mixed sets together, over the global batch); an
+            epoch is that many global batches of one order of windows, whatever the ranks and
+            workers.
         global_batch_size: train windows per step over all ranks (default: batch_size x
             ranks); set it to resume a run on another number of ranks.
         on_corrupt: `fail` (stop at a shard that cannot be read whole) or `skip` (report it
@@ -175,7 +202,7 @@ class ShardDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        manifest: str,
+        manifest: str | list[dict[str, Any]],
         url_prefix: str | None = None,
         seq_len: int = 2048,
         batch_size: int = 8,
@@ -215,12 +242,11 @@ class ShardDataModule(pl.LightningDataModule):
         # the task's window, and more when a speed-up must still fill it
         self.read_frames = self.augment.read_frames(self.task.window)
         self.storage_options = dict(storage_options or {})
-        location = storage.manifest_file(str(manifest))
-        data = storage.read_json(location, "shard manifest", self.storage_options)
-        self.manifest = Manifest.from_dict(data, location)
+        self.sets: list[ShardSet] = load_sets(manifest, url_prefix, self.storage_options)
+        # the first set's (the only one, unmixed); mixed sets share chunk length and rate
+        first = self.sets[0]
+        self.manifest, self.folder, self.url_prefix = first.manifest, first.folder, first.url_prefix
         self.sample_rate = int(self.manifest.config.sample_rate)  # W&B audio examples play at it
-        self.folder = storage.parent(location)
-        self.url_prefix = url_prefix or self.folder
         self.direction = parse_direction(direction)
         get_codec(codec)
         chunk = self.manifest.config.chunk_frames
@@ -236,24 +262,25 @@ class ShardDataModule(pl.LightningDataModule):
                 f"chunk of {chunk} frames"
             )
 
-    def _split(self, split: str) -> ShardSplit:
-        shards = [s for s in self.manifest.shards.get(split, []) if s.samples]
+    def _split(self, split: str, shard_set: ShardSet) -> ShardSplit:
+        config = shard_set.manifest.config
+        shards = [s for s in shard_set.manifest.shards.get(split, []) if s.samples]
         if not shards:
             if split == "train":
                 fix = "re-shard with smaller --val and --test"
             else:
                 fix = (
-                    f"re-shard with a larger --{split} (now {getattr(self.manifest.config, split)}"
+                    f"re-shard with a larger --{split} (now {getattr(config, split)}"
                     ") or more groups to split (--group-by file splits files, not folders)"
                 )
             raise DataError(
-                f"{self.folder}: the {split} split holds no shards; {fix}"
+                f"{shard_set.folder}: the {split} split holds no shards; {fix}"
                 + (", or set trainer.limit_val_batches=0" if split == "val" else "")
             )
         return ShardSplit(
-            [shard_url(self.url_prefix, s) for s in shards],
+            [shard_url(shard_set.url_prefix, s) for s in shards],
             [s.samples for s in shards],
-            self.manifest.config.chunk_frames,
+            config.chunk_frames,
             self.read_policy,
             self.storage_options,
         )
@@ -267,7 +294,7 @@ class ShardDataModule(pl.LightningDataModule):
         )
 
     def train_stream(self, rank: int | None = None, world_size: int | None = None) -> TrainStream:
-        split = self._split("train")
+        splits = [self._split("train", shard_set) for shard_set in self.sets]
         hp = self.hparams
         if rank is None:
             rank, world_size = _world()
@@ -281,10 +308,10 @@ class ShardDataModule(pl.LightningDataModule):
                     f"{world_size} ranks; pick a multiple of {world_size}"
                 )
         batches = hp.batches_per_epoch or max(
-            1, sum(split.samples) * per_chunk // (batch * world_size)
+            1, sum(sum(split.samples) for split in splits) * per_chunk // (batch * world_size)
         )
         return TrainStream(
-            split,
+            splits,
             self.read_frames,
             batch,
             self.direction,
@@ -298,6 +325,7 @@ class ShardDataModule(pl.LightningDataModule):
             task=self.task,
             augment=self.augment,
             workers=hp.num_workers,
+            weights=[shard_set.weight for shard_set in self.sets],
         )
 
     def _where(self) -> tuple[int, int]:
@@ -309,14 +337,16 @@ class ShardDataModule(pl.LightningDataModule):
         return trainer.current_epoch, done
 
     def train_dataloader(self) -> DataLoader:
+        sets = [(shard_set.location, shard_set.weight) for shard_set in self.sets]
         return ShardLoader(
-            self.train_stream(), self.hparams.codec, self._where, **self._loader_kw()
+            self.train_stream(), self.hparams.codec, self._where, sets=sets, **self._loader_kw()
         )
 
     def eval_stream(
-        self, split: str, rank: int | None = None, world_size: int | None = None
+        self, split: str, rank: int | None = None, world_size: int | None = None, source: int = 0
     ) -> EvalStream:
-        shards = self._split(split)
+        """Split `split` of shard set number `source` (of the mixture), on `rank`."""
+        shards = self._split(split, self.sets[source])
         hp = self.hparams
         if rank is None:
             rank, world_size = _world()
@@ -332,8 +362,17 @@ class ShardDataModule(pl.LightningDataModule):
             task=self.task,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return ShardLoader(self.eval_stream("val"), self.hparams.codec, **self._loader_kw())
+    def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:
+        """One loader, or one per mixed set (each named, for its own metrics)."""
+        codec, kw = self.hparams.codec, self._loader_kw()
+        loaders = [
+            ShardLoader(self.eval_stream(split, source=source), codec, name=shard_set.name, **kw)
+            for source, shard_set in enumerate(self.sets)
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders
 
-    def test_dataloader(self) -> DataLoader:
-        return ShardLoader(self.eval_stream("test"), self.hparams.codec, **self._loader_kw())
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders("test")

@@ -9,22 +9,25 @@ into runs of about one group: round q gives run q*S + s to stream s, so a stream
 groups; the epoch's last, partial round is tiled so that every layout consumes exactly the
 epoch's windows. Resumed under another layout, the windows the old one had consumed are known
 from the global step alone, and the new layout runs over what is left: every window of the
-epoch is consumed exactly once across any number of such changes (docs/data.md).
+epoch is consumed exactly once across any number of such changes (docs/data.md). Mixed shard
+sets interleave their own V's groups into one (trainer/data/mixing.py).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from trainer.data.batch import DIRECTIONS
-from trainer.data.shards import ShardSplit
+from trainer.data.shards import Chunk, ShardSplit
 
 __all__ = [
     "SHIFTED_CHUNKS",
+    "GroupKey",
     "Layout",
     "Segment",
     "ShuffleGroup",
@@ -211,9 +214,13 @@ def positions_to_windows(
     return [v for lo, hi in _compose(sequence, [(start, start + count)]) for v in range(lo, hi)]
 
 
+GroupKey = tuple[int, ...]  # a shuffle group of V, opaque to its reader (locate -> load)
+
+
 class Windows:
-    """The windows of V: which chunk (by cycle and chunk number) each comes from, where it
-    starts in it, and its direction and seed."""
+    """The windows of V over one shard set: which chunk (by cycle and chunk number) each comes
+    from, where it starts in it, and its direction and seed. `source` numbers the set in a
+    mixture (trainer/data/mixing.py); set 0 draws exactly what a set alone draws."""
 
     def __init__(
         self,
@@ -224,10 +231,12 @@ class Windows:
         length: int,
         windows_per_chunk: int | None,
         direction: str,
+        source: int = 0,
     ) -> None:
         self.split, self.seed, self.epoch = split, seed, epoch
         self.group_chunks, self.length = group_chunks, length
         self.windows_per_chunk, self.direction = windows_per_chunk, direction
+        self.source = source
         self._ends: dict[int, np.ndarray] = {}  # cycle -> cumulative windows of its groups
 
     @cached_property
@@ -238,37 +247,50 @@ class Windows:
     def groups_per_cycle(self) -> int:
         return -(-self.chunks_per_cycle // self.group_chunks)
 
+    def _rng(self, *key: int) -> np.random.Generator:
+        """The generator of one draw of this epoch; another set's draws are its own."""
+        own = (self.source,) if self.source else ()  # set 0: the draws of a set alone
+        return np.random.default_rng([self.seed, self.epoch, *key, *own])
+
     def shard_order(self, cycle: int) -> list[str]:
         """The URLs of cycle `cycle`, each shard once."""
-        order = np.random.default_rng([self.seed, self.epoch, cycle, 0]).permutation(
-            len(self.split.urls)
-        )
+        order = self._rng(cycle, 0).permutation(len(self.split.urls))
         return [self.split.urls[i] for i in order]
 
     def group(self, cycle: int, number: int) -> ShuffleGroup:
         chunks = min(self.group_chunks, self.chunks_per_cycle - number * self.group_chunks)
-        rng = np.random.default_rng([self.seed, self.epoch, cycle, 1, number])
         return shuffle_group(
-            rng, chunks, self.split.chunk_frames, self.length, self.windows_per_chunk,
-            self.direction,
+            self._rng(cycle, 1, number), chunks, self.split.chunk_frames, self.length,
+            self.windows_per_chunk, self.direction,
         )  # fmt: skip
 
-    def _group_ends(self, cycle: int) -> np.ndarray:
+    def group_ends(self, cycle: int) -> np.ndarray:
         """Cumulative windows at the end of each group of a cycle."""
         if cycle not in self._ends:
             sizes = [len(self.group(cycle, g).order) for g in range(self.groups_per_cycle)]
             self._ends[cycle] = np.cumsum(sizes)
         return self._ends[cycle]
 
-    def locate(self, window: int) -> tuple[int, int, int]:
-        """(cycle, group, index in the group's permuted order) of window `window` of V. Cycles
-        hold different numbers of windows; they are counted from the first."""
+    def locate(self, window: int) -> tuple[GroupKey, int]:
+        """((cycle, group), index in the group's permuted order) of window `window` of V.
+        Cycles hold different numbers of windows; they are counted from the first."""
         cycle = 0
         while True:
-            ends = self._group_ends(cycle)
+            ends = self.group_ends(cycle)
             if window < ends[-1]:
                 number = int(np.searchsorted(ends, window, side="right"))
                 start = int(ends[number - 1]) if number else 0
-                return cycle, number, window - start
+                return (cycle, number), window - start
             window -= int(ends[-1])
             cycle += 1
+
+    def load(
+        self, key: GroupKey, want_meta: bool, skipped: list[tuple[str, str]]
+    ) -> tuple[ShuffleGroup, list[Chunk | None]]:
+        """Group `key` (from `locate`) and its chunks, read from the shards: those wholly
+        before it skipped unopened. A skipped shard's slots are None (`ShardSplit.chunks`)."""
+        cycle, number = key
+        group = self.group(cycle, number)
+        urls = self.shard_order(cycle)
+        chunks = self.split.chunks(urls, number * self.group_chunks, want_meta, skipped)
+        return group, list(itertools.islice(chunks, len(group.counts)))

@@ -7,13 +7,14 @@ workers in turn), and a stream reads the shuffle groups of its runs: whole shard
 skipped unopened, tar members skipped by their headers, only its groups decoded. Everything
 random (shard order, window offsets, the permutation, directions) follows from counts in the
 manifest, never from the data, so resuming at step k is arithmetic, under the same layout or
-another one.
+another one. Several shard sets mix by weight (trainer/data/mixing.py): their groups
+interleave in one V, and the stream reads it the same way.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torch.utils.data import IterableDataset
 from trainer.data.augment import Augment
 from trainer.data.batch import DataError, RawBatch, raw_batch
 from trainer.data.epoch import (
+    GroupKey,
     Layout,
     Segment,
     ShuffleGroup,
@@ -30,6 +32,7 @@ from trainer.data.epoch import (
     positions_to_windows,
     stream_position,
 )
+from trainer.data.mixing import MixedWindows
 from trainer.data.shards import Chunk, ShardSplit
 from trainer.data.tasks import Task
 
@@ -39,11 +42,12 @@ __all__ = ["TrainStream"]
 class TrainStream(IterableDataset):
     """One rank's batches of the elastic epoch; see the module docstring. `workers` is the
     loader's (its virtual streams); `resumed` (epoch, segments), set from a checkpoint, holds
-    the layouts that epoch ran under before."""
+    the layouts that epoch ran under before. `splits` are the train splits of the shard sets,
+    sharded alike, mixed by `weights` when there are several."""
 
     def __init__(
         self,
-        split: ShardSplit,
+        splits: Sequence[ShardSplit],
         seq_len: int,
         batch_size: int,
         direction: str,
@@ -58,8 +62,12 @@ class TrainStream(IterableDataset):
         task: Task | None = None,
         augment: Augment | None = None,
         workers: int = 0,
+        weights: Sequence[float] = (1.0,),
     ) -> None:
-        self.split, self.chunk_frames = split, split.chunk_frames
+        if len(weights) != len(splits):
+            raise DataError(f"{len(splits)} shard sets but {len(weights)} weights")
+        self.splits, self.weights = list(splits), [float(w) for w in weights]
+        self.chunk_frames = splits[0].chunk_frames
         self.seq_len, self.batch_size = seq_len, batch_size
         self.direction, self.pack = direction, pack
         self.task = task or Task("channel", seq_len)
@@ -78,6 +86,11 @@ class TrainStream(IterableDataset):
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    @property
+    def split(self) -> ShardSplit:
+        """The train split of the first shard set (the only one, unmixed)."""
+        return self.splits[0]
 
     def resume(self, epoch: int, done: int, segments: list[Segment]) -> None:
         """Go on with epoch `epoch` after its first `done` steps, which ran under `segments`
@@ -99,35 +112,32 @@ class TrainStream(IterableDataset):
         """Batches start, start + 1, ... of global stream `stream` of a fresh epoch."""
         return self.stream_batches(epoch, Segment.fresh(self.layout), stream, start)
 
-    def _windows(self, epoch: int) -> Windows:
-        return Windows(
-            self.split, self.seed, epoch, self.group_chunks, self.seq_len,
-            self.windows_per_chunk, self.direction,
-        )  # fmt: skip
+    def _windows(self, epoch: int) -> Windows | MixedWindows:
+        """V of epoch `epoch`: one set's own, or the sets' interleaved by weight."""
+        draws = (self.seed, epoch, self.group_chunks, self.seq_len, self.windows_per_chunk)
+        sets = [
+            Windows(split, *draws, self.direction, source)
+            for source, split in enumerate(self.splits)
+        ]
+        return sets[0] if len(sets) == 1 else MixedWindows(sets, self.weights, self.seed, epoch)
 
     def stream_batches(
         self, epoch: int, segment: Segment, stream: int, first: int
     ) -> Iterator[RawBatch]:
         """Batches first, first + 1, ... of global stream `stream` in `segment`."""
         windows, steps = self._windows(epoch), self.batches_per_epoch - segment.start
-        cache: dict[tuple[int, int], tuple[ShuffleGroup, list[Chunk | None], np.ndarray]] = {}
+        cache: dict[GroupKey, tuple[ShuffleGroup, list[Chunk | None], np.ndarray]] = {}
         skipped: list[tuple[str, str]] = []
         empty = np.zeros((2, self.seq_len), np.uint16)
         for number in itertools.count(first):
             at = stream_position(segment.layout, steps, stream, number)
             rows, dirs, seeds, meta, scored = [], [], [], [], []
             for window in positions_to_windows(segment.sequence, at, self.batch_size):
-                cycle, group_number, index = windows.locate(window)
-                key = (cycle, group_number)
+                key, index = windows.locate(window)
                 if key not in cache:
                     cache.clear()  # a run moves forward: one group held at a time
-                    group = windows.group(cycle, group_number)
-                    urls = windows.shard_order(cycle)
-                    first_chunk = group_number * self.group_chunks
-                    chunks = self.split.chunks(urls, first_chunk, self.return_meta, skipped)
-                    data = list(itertools.islice(chunks, len(group.counts)))
-                    ends = np.cumsum(group.counts)
-                    cache[key] = (group, data, ends)
+                    group, data = windows.load(key, self.return_meta, skipped)
+                    cache[key] = (group, data, np.cumsum(group.counts))
                 group, data, ends = cache[key]
                 w = int(group.order[index])
                 owner = int(np.searchsorted(ends, w, side="right"))

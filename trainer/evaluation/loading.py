@@ -60,6 +60,10 @@ def _device(device: str | None) -> torch.device:
 
 
 def _manifest_rate(manifest: Any, what: str) -> tuple[int | None, str]:
+    """The rate of the recorded training shards: one set's path, or the first of a mixture's
+    `[{path, weight}]` (mixed sets share their rate, trainer/data/mixing.py)."""
+    if isinstance(manifest, list) and manifest and isinstance(manifest[0], dict):
+        manifest = manifest[0].get("path")
     if not manifest:
         return None, f"{what}: no shard manifest recorded"
     try:
