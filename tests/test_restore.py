@@ -28,7 +28,7 @@ from trainer.evaluation.gaps import (
 )
 from trainer.evaluation.restore import default_overlap, estimate_range, fit_gap, render, repair
 from trainer.model import StereoT5
-from trainer.model.estimator import Estimator, unit_samples
+from trainer.model.estimator import Estimate, Estimator, correction_weight, unit_samples
 from trainer.model.estimator import lagged as torch_lagged
 
 LENGTH = 256
@@ -250,3 +250,67 @@ def test_training_with_the_estimate_head_leaves_every_other_weight_as_without_it
     assert any(not torch.equal(v, initial[k]) for k, v in plain.items())  # it did train
     for key, value in plain.items():
         assert torch.equal(value, with_head[key]), key
+
+
+def test_the_correction_weight_is_least_squares_on_held_out_sums():
+    rng = np.random.default_rng(8)
+    shape = (2, 500)
+    linear = torch.from_numpy(rng.standard_normal(shape))
+    correction = torch.from_numpy(rng.standard_normal(shape))
+    noise = torch.from_numpy(rng.standard_normal(shape))
+    keep = torch.ones(shape, dtype=torch.bool)
+
+    def weight(y: torch.Tensor, c: torch.Tensor) -> float:
+        est = Estimate(linear + c, torch.zeros(shape, dtype=torch.float64), linear)
+        sums = Estimator.loss(est, y, keep)
+        return float(correction_weight(sums.correction_cross, sums.correction_energy))
+
+    y = linear + 0.3 * correction + noise
+    # the weight numpy's least squares gives the correction on y's error from the linear part
+    want = float(np.linalg.lstsq(correction.reshape(-1, 1), (y - linear).ravel(), rcond=None)[0])
+    assert weight(y, correction) == pytest.approx(want, rel=1e-9) and 0 < want < 1
+    assert weight(linear - correction, correction) == 0.0  # a correction that hurts is left out
+    assert weight(linear + 2 * correction, correction) == 1.0  # never past the trained one
+    assert weight(y, torch.zeros(shape, dtype=torch.float64)) == 1.0  # nothing to weigh
+
+
+def test_the_estimate_takes_the_correction_at_its_weight_and_old_checkpoints_load_at_one(trained):
+    x, _ = pair(np.random.default_rng(9), 3 * LENGTH)
+    ids = tokens(x[: 2 * LENGTH].reshape(2, LENGTH))
+    blend = trained.estimator.blend.clone()
+    try:
+        whole = trained.estimate(ids)
+        trained.estimator.blend.fill_(0.0)
+        none = trained.estimate(ids)
+        trained.estimator.blend.fill_(0.25)
+        quarter = trained.estimate(ids)
+    finally:
+        trained.estimator.blend.copy_(blend)
+    assert not torch.allclose(whole.mean, whole.linear)  # it learned a correction
+    torch.testing.assert_close(none.mean, none.linear)
+    torch.testing.assert_close(quarter.mean, whole.linear + 0.25 * (whole.mean - whole.linear))
+    state = {k: v for k, v in trained.state_dict().items() if k != "estimator.blend"}
+    fresh = StereoT5(**TINY_MODEL, max_len=LENGTH, head="logistic", estimate={"weight": 1.0})
+    fresh.estimator.blend.fill_(0.0)
+    fresh.load_state_dict(state, strict=True)
+    assert float(fresh.estimator.blend) == 1.0
+
+
+def test_each_validation_sets_the_corrections_weight_from_its_own_sums(shard_dir):
+    torch.manual_seed(0)
+    model = StereoT5(**TINY_MODEL, max_len=LENGTH, head="logistic", estimate={"weight": 1.0})
+    model.estimator.blend.fill_(-1.0)  # no weight a validation can give
+    data = ShardDataModule(
+        str(shard_dir), seq_len=LENGTH, batch_size=2, num_workers=0, batches_per_epoch=4
+    )
+    trainer = pl.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, logger=False, limit_val_batches=2,
+        num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+    logged = float(trainer.callback_metrics["val/estimate_blend"])
+    assert 0.0 <= logged <= 1.0
+    assert float(model.estimator.blend) == pytest.approx(logged, abs=1e-7)

@@ -125,6 +125,7 @@ class Restoration:
     pooled: dict[str, float | None]
     pooled_by_correlation: dict[str, dict[str, float | None]]
     seconds: dict[str, float]  # per mode, per second of audio
+    blend: float  # the weight of the estimate head's learned correction (chosen on val)
     example: dict[str, list[int]] = field(repr=False)  # one window and one gap for the picture
 
     def to_json(self) -> dict:
@@ -347,6 +348,7 @@ def restore_sources(
             f"correlation >= {CORRELATION_SPLIT}": _pool(high),
         },
         seconds={k: v / audio_s if audio_s else 0.0 for k, v in per_mode.items()},
+        blend=float(model.estimator.blend),
         example=_example(first, length) if first is not None else {},
     )
 
@@ -368,6 +370,18 @@ def _cells(values: dict[str, float | None]) -> str:
     return " | ".join("-" if values.get(k) is None else f"{values[k]:.2f}" for k in _COLUMNS)
 
 
+def _blend_text(blend: float) -> str:
+    if blend == 0:
+        return (
+            "The estimate falls back to its linear part: the head's learned correction did not "
+            "beat it on the validation split (weight 0)."
+        )
+    return (
+        f"The head's learned correction enters at weight {blend:.2f}, chosen on the "
+        "validation split."
+    )
+
+
 def restoration_markdown(r: Restoration, split: str) -> list[str]:
     """The per-source SNR table of the three modes beside the baselines, and its checks."""
     seconds = r.per_source and sum(s.frames for s in r.per_source)
@@ -381,7 +395,7 @@ def restoration_markdown(r: Restoration, split: str) -> list[str]:
         f"{GAP_SECONDS[1]:g} s, drawn with seed {r.seed}), beside the same filter fitted on the "
         "known target around each gap. The linear part is the estimate head's static filter "
         "(the least-squares filter over the training windows it saw); the per-window FIR is "
-        "fitted on the answer: an upper bound, not a predictor.",
+        "fitted on the answer: an upper bound, not a predictor. " + _blend_text(r.blend),
         "",
         f"| source | corr. | {head} |",
         "|---|---:|" + "---:|" * len(_COLUMNS),

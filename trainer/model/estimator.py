@@ -13,6 +13,12 @@ time-smoothed correction from the encoder state (read detached) and the input's 
 initialisation, so the untrained head is that filter). ``log_scale`` is the log of the error's
 spread, learned relative to the input's local level; `render` samples around the mean with it.
 Units: int16 / 32768.
+
+What the correction learns need not hold on music it did not train on, so the estimate the
+model gives (`estimate`) takes it at a weight ``blend`` in [0, 1]: the least-squares weight on
+the validation split (`correction_weight`, set at the end of each validation), 0 where the
+correction does not beat the static filter on held-out windows, and the estimate is then that
+filter.
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ from trainer.model.tokens import check_tokens, to_residual
 if TYPE_CHECKING:
     from trainer.model.module import StereoT5
 
-__all__ = ["Estimate", "EstimateLoss", "Estimator", "estimate", "unit_samples"]
+__all__ = [
+    "Estimate",
+    "EstimateLoss",
+    "Estimator",
+    "correction_weight",
+    "estimate",
+    "unit_samples",
+]
 
 LEVEL_SPAN = 255  # samples over which the input's local level (for the spread) is averaged
 LEVEL_FLOOR = 1e-5  # about a third of one int16 step
@@ -48,16 +61,27 @@ class Estimate(NamedTuple):
 
 class EstimateLoss(NamedTuple):
     """Sums over the scored positions: squared error of the mean, target energy (both in int16
-    units squared), and the spread's Gaussian NLL (nats, summed), with the count."""
+    units squared), and the spread's Gaussian NLL (nats, summed), with the count; and, for
+    `Estimator.settle`, the correction's correlation with the static filter's error and its
+    energy (int16 units squared)."""
 
     error: torch.Tensor
     signal: torch.Tensor
     spread_nll: torch.Tensor
     count: torch.Tensor
+    correction_cross: torch.Tensor
+    correction_energy: torch.Tensor
 
     def loss(self) -> torch.Tensor:
         """error / signal (the SNR's inverse, scale-free) plus the spread's mean NLL."""
         return self.error / self.signal.clamp(min=1.0) + self.spread_nll / self.count.clamp(min=1)
+
+
+def correction_weight(cross: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """From held-out sums (`EstimateLoss`): the weight w in [0, 1] that minimises the error of
+    linear + w x correction there; 1 while the correction is zero (nothing to weigh)."""
+    weight = torch.where(energy > 0, cross / energy.clamp(min=1e-30), torch.ones_like(cross))
+    return weight.clamp(0.0, 1.0)
 
 
 def lagged(x: torch.Tensor, taps: int) -> torch.Tensor:
@@ -97,6 +121,16 @@ class Estimator(nn.Module):
             nn.init.zeros_(layer.bias)
         self.register_buffer("gram", torch.zeros(taps, taps, dtype=torch.float64))
         self.register_buffer("cross", torch.zeros(taps, dtype=torch.float64))
+        self.register_buffer("blend", torch.ones((), dtype=torch.float64))
+
+    @staticmethod
+    def fill_defaults(state: dict, prefix: str) -> None:
+        """Checkpoints from before ``blend`` existed took the correction whole: 1."""
+        state.setdefault(prefix + "blend", torch.ones((), dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        self.fill_defaults(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def linear_filter(self) -> torch.Tensor:
         """The static filter h [taps] (float32): least squares over the windows observed (a
@@ -147,12 +181,15 @@ class Estimator(nn.Module):
         resid = y - est.mean
         z = (y - est.mean.detach()) * torch.exp(-est.log_scale)
         nll = (est.log_scale + 0.5 * z.square()) * k
+        correction = ((est.mean - est.linear) * k).detach().double()
         scale2 = 32768.0**2
         return EstimateLoss(
             error=(resid.square() * k).sum() * scale2,
             signal=(y.square() * k).sum() * scale2,
             spread_nll=nll.sum(),
             count=k.sum(),
+            correction_cross=(correction * (y - est.linear).detach()).sum() * scale2,
+            correction_energy=correction.square().sum() * scale2,
         )
 
 
@@ -167,7 +204,8 @@ def unit_samples(tokens: torch.Tensor, int16_of_token: torch.Tensor) -> torch.Te
 @torch.no_grad()
 def estimate(model: StereoT5, input_ids: torch.Tensor) -> Estimate:
     """The model's estimate head on input tokens [B, L] (in eval mode): `Estimate` in int16
-    units (mean and linear; log_scale of the spread in them), from the input alone.
+    units (mean and linear; log_scale of the spread in them), from the input alone; the mean
+    takes the learned correction at the head's validated weight ``blend``.
 
     Raises:
         ModelError: the model has no estimate head.
@@ -187,4 +225,6 @@ def estimate(model: StereoT5, input_ids: torch.Tensor) -> Estimate:
     finally:
         model.train(was_training)
     scale = 32768.0
-    return Estimate(est.mean * scale, est.log_scale + math.log(scale), est.linear * scale)
+    blend = model.estimator.blend.to(est.mean.dtype)
+    mean = est.linear + blend * (est.mean - est.linear)
+    return Estimate(mean * scale, est.log_scale + math.log(scale), est.linear * scale)

@@ -11,9 +11,11 @@ import torch
 from torchmetrics import Metric
 
 from trainer.data.batch import IGNORE
+from trainer.model.estimator import correction_weight
 
 LN2 = math.log(2.0)
 SUM_FIELDS = ("nll", "count", "correct", "signal", "error")
+ESTIMATE_FIELDS = ("estimate_error", "estimate_cross", "estimate_correction")
 
 
 class SumMetrics(Metric):
@@ -25,7 +27,7 @@ class SumMetrics(Metric):
 
     def __init__(self, extras: tuple[str, ...] = (), estimate: bool = False) -> None:
         super().__init__()
-        self.fields = (*SUM_FIELDS, *extras, *(("estimate_error",) if estimate else ()))
+        self.fields = (*SUM_FIELDS, *extras, *(ESTIMATE_FIELDS if estimate else ()))
         self.extras = extras
         for name in self.fields:
             self.add_state(name, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -40,8 +42,8 @@ class SumMetrics(Metric):
 
 def summarize(sums: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> dict:
     """Sums -> loss (nats/sample), bits_per_sample, accuracy, snr_db (and the estimate head's
-    estimate_snr_db) and, per extra NLL, ``bits_per_sample_<name>``; zero count gives 0, not
-    NaN.
+    estimate_snr_db and estimate_blend, the weight its correction earns on these sums) and,
+    per extra NLL, ``bits_per_sample_<name>``; zero count gives 0, not NaN.
 
     Error energy is a sum of squared int16 differences, so it is 0 or >= 1: clamping both
     energies at 1 only changes the 0/0 and x/0 cases (a perfect prediction reports 10 log10 of
@@ -58,6 +60,9 @@ def summarize(sums: dict[str, torch.Tensor], extras: tuple[str, ...] = ()) -> di
         if "estimate_error" in sums:
             ratio = sums["signal"].clamp(min=1) / sums["estimate_error"].clamp(min=1)
             out["estimate_snr_db"] = 10 * torch.log10(ratio)
+            out["estimate_blend"] = correction_weight(
+                sums["estimate_cross"], sums["estimate_correction"]
+            )
     return out
 
 

@@ -29,9 +29,10 @@ from trainer.model.decoding import decode
 from trainer.model.embeddings import ValueEmbedding
 from trainer.model.errors import ModelError
 from trainer.model.estimator import Estimate, EstimateLoss, Estimator, estimate, unit_samples
+from trainer.model.eval_sums import EvalSums
 from trainer.model.heads import HeadOptions, resolve_head
 from trainer.model.lora import base_body, wrap_lora
-from trainer.model.metrics import LN2, SumMetrics, energy_sums
+from trainer.model.metrics import LN2, energy_sums
 from trainer.model.optim import clip_apart, configure_adamw, param_groups
 from trainer.model.patched import TwoLevel
 from trainer.model.tokens import (
@@ -172,8 +173,8 @@ class StereoT5(pl.LightningModule):
         table = torch.as_tensor(self.codec.decode_table().astype("int64")) - 32768
         self.register_buffer("int16_of_token", table, persistent=False)
         estimates = self.estimator is not None
-        self.val_sums = SumMetrics(self.head.extra_names, estimates)
-        self.test_sums = SumMetrics(self.head.extra_names, estimates)
+        self.val_sums = EvalSums(self.head.extra_names, estimates)  # per mixed set and pooled
+        self.test_sums = EvalSums(self.head.extra_names, estimates)
         self._hidden_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self.hidden
 
         if init_from:
@@ -377,28 +378,41 @@ class StereoT5(pl.LightningModule):
         if scored["untrained_nll_sum"] is not None:
             sums["untrained"] = scored["untrained_nll_sum"]
         if scored["estimate"] is not None:
-            sums["estimate_error"] = scored["estimate"].error
+            est = scored["estimate"]
+            sums["estimate_error"] = est.error
+            sums["estimate_cross"] = est.correction_cross
+            sums["estimate_correction"] = est.correction_energy
         return sums
 
-    def _eval_step(self, batch: Batch, sums: SumMetrics) -> torch.Tensor:
+    def _eval_step(self, batch: Batch, sums: EvalSums, loader: int) -> torch.Tensor:
         scored = self.score(batch["input_ids"], batch["labels"])
-        sums.update(self.metric_sums(batch["labels"], scored))
+        sums.update(self.metric_sums(batch["labels"], scored), loader)
         return scored["pred"]  # for callbacks (trainer.callbacks.AudioExamples)
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, self.val_sums)
+    def validation_step(
+        self, batch: Batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> torch.Tensor:
+        return self._eval_step(batch, self.val_sums, dataloader_idx)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, self.test_sums)
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._eval_step(batch, self.test_sums, dataloader_idx)
 
-    def _log_epoch(self, stage: str, sums: SumMetrics) -> None:
+    def on_validation_start(self) -> None:
+        self.val_sums.start(self.trainer.val_dataloaders)  # one loader per mixed set
+
+    def on_test_start(self) -> None:
+        self.test_sums.start(self.trainer.test_dataloaders)
+
+    def _log_epoch(self, stage: str, sums: EvalSums) -> dict[str, torch.Tensor]:
         values = sums.compute()  # already reduced over processes: identical on every rank
-        sums.reset()
         for name, value in values.items():
             self.log(f"{stage}/{name}", value.float(), prog_bar=name == "bits_per_sample")
+        return values
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_sums)
+        values = self._log_epoch("val", self.val_sums)
+        if self.estimator is not None:  # the correction's weight, from held-out windows
+            self.estimator.blend.copy_(values["estimate_blend"])
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test", self.test_sums)

@@ -31,6 +31,7 @@ from transformers import T5Model
 
 from pipeline.codec import get_codec
 from trainer.model.errors import ModelError
+from trainer.model.estimator import Estimator
 from trainer.model.heads import resolve_head
 from trainer.model.lora import merged_body
 
@@ -243,6 +244,8 @@ def load_weights(model: StereoT5, path: str | os.PathLike) -> None:
         source, _ = model_from_checkpoint(path)
         hparams, state = dict(source.hparams), plain_state_dict(source)
     check_source(model, path, hparams)
+    if model.estimator is not None:
+        Estimator.fill_defaults(state, "estimator.")
     own = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in WEIGHT_PARTS}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in state if k.split(".")[0] in WEIGHT_PARTS and k not in own)
