@@ -1,5 +1,8 @@
 # Recipes over `python -m pipeline` / `python -m trainer`. `just --list` shows them.
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# arguments reach each command as "$@", word for word: a YAML list or a path with spaces in one
+# argument stays one argument (text interpolated with {{ARGS}} would be split and brace-expanded)
+set positional-arguments
 
 python := env_var_or_default("PYTHON", "python")
 
@@ -23,13 +26,13 @@ demo:
 
 # scan an audio tree into shards/<ROOT name>/index.json
 index ROOT *ARGS:
-    {{python}} -m pipeline index "{{ROOT}}" {{ARGS}}
+    {{python}} -m pipeline index "$@"
 
 # shard an index (default: the newest shards/*/index.json), output beside it
 shard *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
-    args=({{ARGS}})
+    args=("$@")
     if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then
         newest=$(ls -t shards/*/index.json 2>/dev/null | head -n 1 || true)
         [ -n "$newest" ] || { echo "error: no shards/*/index.json; run just index ROOT first" >&2; exit 2; }
@@ -39,31 +42,31 @@ shard *ARGS:
 
 # check a shard set (add --against-source to compare with the audio)
 verify DIR *ARGS:
-    {{python}} -m pipeline verify "{{DIR}}" {{ARGS}}
+    {{python}} -m pipeline verify "$@"
 
 # hours, tracks, chunks, shards, bytes and token level histogram of a shard set
 stats DIR:
-    {{python}} -m pipeline stats "{{DIR}}"
+    {{python}} -m pipeline stats "$1"
 
 # train a T5 (LightningCLI): just train [CONFIG] [--section.key value ...]
 train *ARGS:
     #!/usr/bin/env bash
     set -euo pipefail
-    args=({{ARGS}})
+    args=("$@")
     if [ ${#args[@]} -eq 0 ] || [[ "${args[0]}" == -* ]]; then args=(configs/tiny.yaml "${args[@]}"); fi
     {{python}} -m trainer fit --config "${args[0]}" "${args[@]:1}"
 
 # evaluate a checkpoint: just evaluate CKPT SHARDS [--split test] [--generate 8] [--out DIR]
 evaluate CKPT SHARDS *ARGS:
-    {{python}} -m trainer evaluate --ckpt "{{CKPT}}" --shards "{{SHARDS}}" {{ARGS}}
+    {{python}} -m trainer evaluate --ckpt "$1" --shards "$2" "${@:3}"
 
 # rebuild one channel of a file: just predict IN OUT CKPT [--direction r2l]
 predict IN OUT CKPT *ARGS:
-    {{python}} -m trainer predict "{{IN}}" "{{OUT}}" --ckpt "{{CKPT}}" {{ARGS}}
+    {{python}} -m trainer predict "$1" "$2" --ckpt "$3" "${@:4}"
 
 # run the test suite
 test *ARGS:
-    {{python}} -m pytest {{ARGS}}
+    {{python}} -m pytest "$@"
 
 # lint and format check
 lint:
@@ -72,24 +75,24 @@ lint:
 
 # benchmarks (print ratios measured side by side in one run)
 bench-index *ARGS:
-    {{python}} bench/index_bench.py {{ARGS}}
+    {{python}} bench/index_bench.py "$@"
 
 bench-shard *ARGS:
-    {{python}} bench/shard_bench.py {{ARGS}}
+    {{python}} bench/shard_bench.py "$@"
 
 bench-loader *ARGS:
-    {{python}} bench/loader_bench.py {{ARGS}}
+    {{python}} bench/loader_bench.py "$@"
 
 bench-train *ARGS:
-    {{python}} bench/train_bench.py {{ARGS}}
+    {{python}} bench/train_bench.py "$@"
 
 bench-speed *ARGS:
-    {{python}} bench/speed_bench.py {{ARGS}}
+    {{python}} bench/speed_bench.py "$@"
 
 # loader memory over many epochs: PSS of the main process and each worker (bench/soak_bench.py)
 bench-soak *ARGS:
-    {{python}} bench/soak_bench.py {{ARGS}}
+    {{python}} bench/soak_bench.py "$@"
 
 # tokens/s, MFU, data wait and the float64 solve's share per head on a GPU (a CPU smoke without one)
 bench-gpu *ARGS:
-    {{python}} bench/gpu_bench.py {{ARGS}}
+    {{python}} bench/gpu_bench.py "$@"

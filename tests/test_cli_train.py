@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from trainer.cli import main
 
@@ -133,3 +135,17 @@ def test_last_checkpoint_is_written_at_every_validation_not_only_at_a_new_best(s
     folder = tmp_path / "checkpoints"
     assert [p.name.split("-bps")[0] for p in folder.glob("best-*")] == ["best-step2"]
     assert torch.load(folder / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_just_train_passes_a_yaml_list_and_a_path_with_a_space_as_one_argument_each():
+    """`just` recipes hand their arguments on word for word: the mixing form of `manifest`
+    (braces, commas, spaces) reaches LightningCLI whole, not split and brace-expanded."""
+    manifest = "[{path: shards/demo, weight: 3}, {path: my sets/b, weight: 1}]"
+    done = subprocess.run(
+        ["just", "train", "configs/tiny.yaml", "--print_config", "--data.init_args.manifest",
+         manifest],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = yaml.safe_load(done.stdout)["data"]["init_args"]["manifest"]
+    assert data == [{"path": "shards/demo", "weight": 3}, {"path": "my sets/b", "weight": 1}]
