@@ -82,6 +82,21 @@ def trained() -> StereoT5:
     return model.eval()
 
 
+def fit(model: StereoT5, shard_dir, steps: int, **options) -> pl.Trainer:
+    """`steps` training steps of `model` on the fixture shards (batches of 2 windows)."""
+    data = ShardDataModule(
+        str(shard_dir), seq_len=LENGTH, batch_size=2, num_workers=0, batches_per_epoch=steps
+    )
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **options,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+    return trainer
+
+
 def test_lagged_columns_are_the_baselines_taps():
     x = np.random.default_rng(0).standard_normal((2, 50))
     ours = torch_lagged(torch.from_numpy(x), 32).numpy()
@@ -234,17 +249,7 @@ def test_training_with_the_estimate_head_leaves_every_other_weight_as_without_it
         torch.manual_seed(0)
         model = StereoT5(**TINY_MODEL, max_len=LENGTH, head="coarse_fine", estimate=estimate)
         initial = initial or {k: v.clone() for k, v in model.state_dict().items()}
-        data = ShardDataModule(
-            str(shard_dir), seq_len=LENGTH, batch_size=2, num_workers=0, batches_per_epoch=3
-        )
-        trainer = pl.Trainer(
-            max_steps=3, accelerator="cpu", devices=1, gradient_clip_val=0.05, logger=False,
-            limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False,
-        )  # fmt: skip
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            trainer.fit(model, data)
+        fit(model, shard_dir, 3, gradient_clip_val=0.05, limit_val_batches=0)
         trained.append(model.state_dict())
     plain, with_head = trained
     assert any(not torch.equal(v, initial[k]) for k, v in plain.items())  # it did train
@@ -300,17 +305,7 @@ def test_each_validation_sets_the_corrections_weight_from_its_own_sums(shard_dir
     torch.manual_seed(0)
     model = StereoT5(**TINY_MODEL, max_len=LENGTH, head="logistic", estimate={"weight": 1.0})
     model.estimator.blend.fill_(-1.0)  # no weight a validation can give
-    data = ShardDataModule(
-        str(shard_dir), seq_len=LENGTH, batch_size=2, num_workers=0, batches_per_epoch=4
-    )
-    trainer = pl.Trainer(
-        max_steps=4, accelerator="cpu", devices=1, logger=False, limit_val_batches=2,
-        num_sanity_val_steps=0, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, data)
+    trainer = fit(model, shard_dir, 4, limit_val_batches=2, num_sanity_val_steps=0)
     logged = float(trainer.callback_metrics["val/estimate_blend"])
     assert 0.0 <= logged <= 1.0
     assert float(model.estimator.blend) == pytest.approx(logged, abs=1e-7)
