@@ -136,7 +136,7 @@ def test_verify_and_the_loader_see_every_generation(grown):
     data = ShardDataModule(str(grown.out), seq_len=1024, num_workers=0)
     sources: Counter[str] = Counter()
     for split in ("train", "val", "test"):
-        shards = data._split(split)
+        shards = data._split(split, data.sets[0])
         chunks = list(shards.chunks(shards.urls, 0, want_meta=True))
         assert len(chunks) == sum(shards.samples) == m.samples(split)
         sources.update(source for _, (source, _start) in chunks)
