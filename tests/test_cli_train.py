@@ -93,7 +93,7 @@ def test_the_context_recipes_train_with_the_body_window_inside_the_sequence(
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3
     assert last["hyper_parameters"]["body_window"] == 64
-    assert last["hyper_parameters"]["head"]["init_args"]["cascade"] == [256, 32]
+    assert last["hyper_parameters"]["head"]["init_args"]["cascade"] == [1024, 256, 32]
 
 
 def test_patched_config_trains_and_a_window_off_the_patch_fails_first(shard_dir, tmp_path, capsys):
