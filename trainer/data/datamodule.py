@@ -63,7 +63,7 @@ class ShardLoader(DataLoader):
 
     For the train stream, `where` tells it before every pass which epoch it is and which batch
     of the epoch comes next (the trainer's progress), so a resumed run continues exactly;
-    `sets` (manifest, weight) are the shard sets it mixes, kept in its state. `name` is an eval
+    `mixture` (manifest, weight) are the shard sets it mixes, kept in its state. `name` is an eval
     loader's shard set, for its metrics (trainer/model/eval_sums.py).
     """
 
@@ -73,14 +73,14 @@ class ShardLoader(DataLoader):
         codec: str,
         where: Callable[[], tuple[int, int]] | None = None,
         pin_memory: bool = False,
-        sets: Sequence[tuple[str, float]] = (),
+        mixture: Sequence[tuple[str, float]] = (),
         name: str = "",
         **kw,
     ) -> None:
         kw.setdefault("worker_init_fn", _worker_start)
         super().__init__(dataset, batch_size=None, collate_fn=_keep, **kw)
         self.codec, self._where, self._pin = get_codec(codec), where, pin_memory
-        self.sets, self.name = [(str(p), float(w)) for p, w in sets], name
+        self.mixture, self.name = [(str(p), float(w)) for p, w in mixture], name
         self.skipped: dict[str, str] = {}  # shard url -> why, each reported once
 
     def state_dict(self) -> dict:
@@ -96,7 +96,7 @@ class ShardLoader(DataLoader):
             "global_batch": stream.layout.batch * stream.layout.ranks,
             "steps": stream.batches_per_epoch,
             "segments": [segment.to_dict() for segment in stream.segments(epoch)],
-            "sets": [list(entry) for entry in self.sets],
+            "sets": [list(entry) for entry in self.mixture],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -126,10 +126,10 @@ class ShardLoader(DataLoader):
     def _check_sets(self, theirs: list[tuple[str, float]]) -> None:
         """A mixed epoch is its sets' and weights' own: resume it only with the same mixture
         (a set alone resumes as before, wherever its manifest now is)."""
-        if (len(theirs) > 1 or len(self.sets) > 1) and theirs != self.sets:
+        if (len(theirs) > 1 or len(self.mixture) > 1) and theirs != self.mixture:
             raise DataError(
                 f"the checkpoint trained on the shard sets {_mixture(theirs)}, this run mixes "
-                f"{_mixture(self.sets)}; resume with the checkpoint's data.init_args.manifest"
+                f"{_mixture(self.mixture)}; resume with the checkpoint's data.init_args.manifest"
             )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -337,9 +337,13 @@ class ShardDataModule(pl.LightningDataModule):
         return trainer.current_epoch, done
 
     def train_dataloader(self) -> DataLoader:
-        sets = [(shard_set.location, shard_set.weight) for shard_set in self.sets]
+        mixture = [(shard_set.location, shard_set.weight) for shard_set in self.sets]
         return ShardLoader(
-            self.train_stream(), self.hparams.codec, self._where, sets=sets, **self._loader_kw()
+            self.train_stream(),
+            self.hparams.codec,
+            self._where,
+            mixture=mixture,
+            **self._loader_kw(),
         )
 
     def eval_stream(
